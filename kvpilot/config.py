@@ -1,0 +1,301 @@
+"""kvpilot.yaml: typed, validated settings, and a watcher that hands out each new valid version.
+
+Every section is a frozen dataclass; `load_config` builds them from the YAML by walking their type
+hints, so adding a key is adding a field. Any mistake raises `ConfigError` naming the key path,
+the value and what was expected, e.g. ``gateway.policy: 'fastest' is not one of ['headroom', ...]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+CONFIG_RELOADS = Counter(
+    "kvpilot_config_reloads_total",
+    "Config file reloads by result (applied or rejected).",
+    ["result"],
+)
+
+POLICIES = (
+    "round-robin",
+    "random",
+    "least-request",
+    "power-of-two",
+    "gie",
+    "cache-aware",
+    "headroom",
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key, the value and what was expected."""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A set of interchangeable model-server replicas (one Deployment in Kubernetes)."""
+
+    name: str
+    models: tuple[str, ...]
+    endpoints: tuple[str, ...] = ()  # static replicas outside Kubernetes
+    namespace: str = "default"
+    selector: dict[str, str] = field(default_factory=dict)  # pod labels in Kubernetes
+    engine: Literal["auto", "vllm", "sglang", "tgi", "trtllm", "kvpilot"] = "auto"
+    accelerator: str = ""  # GKE accelerator label or alias, e.g. nvidia-l4
+    gpus_per_replica: int = 1
+    port: int = 8000  # model-server port on each pod
+    policy: str = ""  # overrides gateway.policy for this pool when set
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    listen: str = "127.0.0.1:9100"
+    gpus: Literal["nvml", "emulated"] = "nvml"
+    scrape_interval_s: float = 0.25
+    scrape_timeout_s: float = 1.0
+    stale_after_s: float = 5.0
+    dcgm_compatible_metrics: bool = False
+    node_name: str = ""  # defaults to $NODE_NAME, then the host name
+    kubernetes: bool = False  # watch Pods on this node instead of pools[].endpoints
+    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    gpu_map: dict[str, tuple[int, ...]] = field(default_factory=dict)  # endpoint -> GPU indices
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: str = "127.0.0.1:8080"
+    agents: tuple[str, ...] = ()
+    policy: str = "headroom"
+    kubernetes: bool = False  # discover replicas from EndpointSlices
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 8 * 1024 * 1024
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
+    max_retries: int = 2
+    queue_size: int = 1024
+    queue_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    mode: Literal["kubernetes", "local"] = "kubernetes"
+    interval_s: float = 15.0
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    pools: tuple[PoolConfig, ...] = ()
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+
+    def pool(self, name: str) -> PoolConfig | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+    def pool_for_model(self, model: str) -> PoolConfig | None:
+        return next((p for p in self.pools if model in p.models), None)
+
+
+T = TypeVar("T")
+
+
+def parse_config(data: Any) -> Config:
+    """Build and validate a Config from already-parsed YAML data."""
+    if data is None:
+        data = {}
+    cfg = _build(Config, data, "")
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate kvpilot.yaml; raises ConfigError with the key path on any mistake."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    try:
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e
+
+
+def load_or_exit(path: str | os.PathLike[str]) -> Config:
+    """For command-line entry points: a bad config prints one clear line and exits 2."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"kvpilot: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+async def watch_config(
+    path: str | os.PathLike[str],
+    current: Config,
+    *,
+    interval_s: float = 1.0,
+    on_error: Callable[[ConfigError], None] | None = None,
+) -> AsyncIterator[Config]:
+    """Yield each new valid version of the file; a bad version is logged, counted and skipped.
+
+    Polls the file's mtime and contents (ConfigMap updates swap a symlink, which inotify on the
+    file itself misses), so it works the same on a laptop and in a pod.
+    """
+    p = Path(path)
+    last_text = _read_or_none(p)
+    while True:
+        await asyncio.sleep(interval_s)
+        text = _read_or_none(p)
+        if text is None or text == last_text:
+            continue
+        last_text = text
+        try:
+            new = load_config(p)
+        except ConfigError as e:
+            CONFIG_RELOADS.labels("rejected").inc()
+            log.error("config reload rejected, keeping the old one: %s", e)
+            if on_error:
+                on_error(e)
+            continue
+        if new != current:
+            CONFIG_RELOADS.labels("applied").inc()
+            log.info("config reloaded from %s", p)
+            current = new
+            yield new
+
+
+def _read_or_none(p: Path) -> str | None:
+    try:
+        return p.read_text()
+    except OSError:
+        return None
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field rules that types alone cannot say."""
+    seen: set[str] = set()
+    for i, pool in enumerate(cfg.pools):
+        if pool.name in seen:
+            raise ConfigError(
+                f"pools[{i}].name: {pool.name!r} is used by two pools; names must be unique"
+            )
+        seen.add(pool.name)
+        if not pool.models:
+            raise ConfigError(f"pools[{i}].models: empty; expected at least one model name")
+        for j, ep in enumerate(pool.endpoints):
+            if not ep.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"pools[{i}].endpoints[{j}]: {ep!r} is not a URL; expected http://host:port"
+                )
+        if pool.policy and pool.policy not in POLICIES:
+            raise ConfigError(f"pools[{i}].policy: {pool.policy!r} is not one of {list(POLICIES)}")
+        if pool.gpus_per_replica < 1:
+            raise ConfigError(f"pools[{i}].gpus_per_replica: {pool.gpus_per_replica} must be >= 1")
+    if cfg.gateway.policy not in POLICIES:
+        raise ConfigError(f"gateway.policy: {cfg.gateway.policy!r} is not one of {list(POLICIES)}")
+    for key, addr in (("agent.listen", cfg.agent.listen), ("gateway.listen", cfg.gateway.listen)):
+        _check_listen(key, addr)
+    if not 0.05 <= cfg.agent.scrape_interval_s <= 60:
+        raise ConfigError(
+            f"agent.scrape_interval_s: {cfg.agent.scrape_interval_s} is out of range; "
+            "expected 0.05 to 60 seconds"
+        )
+
+
+def _check_listen(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {value!r} is not host:port; expected e.g. 127.0.0.1:8080")
+
+
+def _build(tp: Any, value: Any, path: str) -> Any:
+    """Convert parsed YAML `value` to type `tp`, or raise ConfigError naming `path`."""
+    where = path or "<top level>"
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+            raise ConfigError(f"{key}: unknown key; expected one of {sorted(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            sub = f"{path}.{name}" if path else name
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{sub}: required key is missing")
+        return tp(**kwargs)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {_show(value)} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, path)
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+        return tuple(_build(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
+        return {
+            _build(kt, k, f"{path}.{k}"): _build(vt, v, f"{path}.{k}") for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {_show(value)} is not a boolean; expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {_show(value)} is not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: {_show(value)} is not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {_show(value)} is not a string")
+        return value
+    raise TypeError(f"config type {tp!r} at {where} is not supported")  # a bug in a dataclass
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
