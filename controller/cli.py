@@ -1,0 +1,200 @@
+"""`kvpilot controller --config kvpilot.yaml`: the replica and node-pool autoscaler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controller.loop import Controller, PoolTarget
+from kvpilot.config import Config, ConfigError, load_or_exit, parse_listen, watch_config
+from kvpilot.signals import ReplicaState
+
+log = logging.getLogger("kvpilot.controller")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kvpilot controller", description=__doc__)
+    p.add_argument("--config", required=True, help="kvpilot.yaml")
+    p.add_argument("--dry-run", action="store_true", help="decide and export, never act")
+    p.add_argument("--once", action="store_true", help="one tick, print decisions as JSON, exit")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    cfg = load_or_exit(args.config)
+    if args.dry_run:
+        cfg = dataclasses.replace(cfg, controller=dataclasses.replace(cfg.controller, dry_run=True))
+    asyncio.run(serve(args.config, cfg, once=args.once, dry_run=args.dry_run))
+    return 0
+
+
+class AgentStates:
+    """Replica states from every agent's /v1/state/watch stream (agent.client)."""
+
+    def __init__(self, urls: Iterable[str], session: aiohttp.ClientSession) -> None:
+        from agent.client import AgentWatchClient
+
+        self.clients = [AgentWatchClient(u, session) for u in urls]
+        self.tasks = [asyncio.ensure_future(self._drain(c)) for c in self.clients]
+
+    @staticmethod
+    async def _drain(c: object) -> None:
+        async for _ in c:  # type: ignore[attr-defined]
+            pass  # the client keeps `latest` up to date; we read it each tick
+
+    def __call__(self) -> list[ReplicaState]:
+        return [s for c in self.clients for s in c.latest.values()]
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+async def serve(path: str, cfg: Config, *, once: bool = False, dry_run: bool = False) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with aiohttp.ClientSession() as session, _stack(cfg, session) as (controller, closers):
+        if once:
+            await asyncio.sleep(min(2.0, cfg.controller.interval_s))  # let the watches connect
+            ds = await controller.tick()
+            print(json.dumps({k: dataclasses.asdict(v) for k, v in ds.items()}, indent=2))
+            return
+        runner = await _metrics_server(cfg)
+        task = asyncio.ensure_future(controller.run(stop))
+        watch = asyncio.ensure_future(_reload(path, cfg, controller, dry_run))
+        await stop.wait()
+        watch.cancel()
+        await task
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _stack(
+    cfg: Config, session: aiohttp.ClientSession
+) -> AsyncIterator[tuple[Controller, list]]:
+    agents = cfg.controller.agents or cfg.gateway.agents
+    states = AgentStates(agents, session)
+    closers: list = [states.close]
+    c = cfg.controller
+    try:
+        if c.mode == "local":
+            from controller.local import LocalActuator
+
+            actuator = LocalActuator(gpu=c.local_gpu, time_scale=c.local_time_scale)
+            closers.append(actuator.close)
+            yield Controller(cfg, actuator, states), closers
+            return
+        from controller.actuators import GkeNodes, KubeActuator, PlaceholderNodes
+        from controller.gke import GkeNodePools
+        from controller.kube import KubeScaler, LeaderElector, Placeholders, load_api_client
+        from controller.planner import cheapest_accelerator
+
+        api = await load_api_client()
+        closers.append(api.close)
+        nodes = None
+        if c.node_actuator == "placeholders":
+            nodes = PlaceholderNodes(
+                Placeholders(
+                    api, c.placeholder_namespace, c.placeholder_priority_class, c.placeholder_image
+                )
+            )
+        elif c.node_actuator == "gke":
+            nodes = GkeNodes(
+                GkeNodePools(
+                    session,
+                    c.gke_project,
+                    c.gke_location,
+                    c.gke_cluster,
+                    api_url=c.gke_api_url,
+                    metadata_url=c.gke_metadata_url,
+                )  # fmt: skip
+            )
+        leader = None
+        if c.leader_election:
+            identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+            elector = LeaderElector(
+                api, c.lease_namespace, c.lease_name, identity, lease_duration_s=c.lease_duration_s
+            )
+            leader = elector.try_acquire
+
+        def accelerator_for(t: PoolTarget) -> str:
+            if t.scaling.accelerators:
+                return (
+                    cheapest_accelerator(
+                        t.pool.models[0], t.scaling.accelerators, t.pool.gpus_per_replica
+                    )
+                    or t.pool.accelerator
+                )
+            return t.pool.accelerator
+
+        yield (
+            Controller(
+                cfg,
+                KubeActuator(KubeScaler(api)),
+                states,
+                nodes=nodes,
+                leader=leader,  # type: ignore[arg-type]
+                accelerator_for=accelerator_for,
+            ),
+            closers,
+        )
+    finally:
+        for close in reversed(closers):
+            with contextlib.suppress(Exception):
+                await close()
+
+
+async def _metrics_server(cfg: Config) -> web.AppRunner:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = parse_listen(cfg.controller.listen)
+    await web.TCPSite(runner, host, port).start()
+    log.info("controller metrics on http://%s:%d/metrics", host, port)
+    return runner
+
+
+async def _reload(path: str, cfg: Config, controller: Controller, dry_run: bool) -> None:
+    def rejected(e: ConfigError) -> None:
+        log.error("keeping the old controller config: %s", e)
+
+    async for new in watch_config(path, cfg, on_error=rejected):
+        if new.controller.mode != controller.cfg.controller.mode:
+            log.error(
+                "controller.mode changed: restart to apply; keeping %s",
+                controller.cfg.controller.mode,
+            )
+            continue
+        if dry_run:
+            new = dataclasses.replace(
+                new, controller=dataclasses.replace(new.controller, dry_run=True)
+            )
+        controller.apply_config(new)
+        log.info("controller config reloaded")

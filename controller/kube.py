@@ -1,0 +1,399 @@
+"""The Kubernetes edge: /scale subresources, placeholder pods, Events and the leader Lease.
+
+Everything here is I/O through kubernetes-asyncio; the decisions come from replicas.py and
+nodepools.py. Every API call retries 5xx, 429 and timeouts with exponential backoff; a scale write
+is optimistic (the Scale's resourceVersion goes with it) and on 409 it re-reads and tries again,
+so a concurrent change is never overwritten blindly and an error never leaves a wrong size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import Counter, Gauge
+
+from controller.nodepools import PLACEHOLDER_LABELS, placeholder_pod
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WORKLOADS = {
+    "Deployment": ("apps", "v1", "deployments"),
+    "StatefulSet": ("apps", "v1", "statefulsets"),
+    "LeaderWorkerSet": ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets"),
+}
+COMPONENT = "kvpilot-controller"
+
+API_ERRORS = Counter(
+    "kvpilot_controller_api_errors_total",
+    "Kubernetes API calls that failed (each try), by operation and status.",
+    ["op", "status"],
+)
+IS_LEADER = Gauge("kvpilot_controller_leader", "1 while this controller holds the leader lease.")
+
+
+class KubeError(RuntimeError):
+    """An API call that failed for good (after retries, or with a non-retryable status)."""
+
+
+@dataclass
+class Retry:
+    attempts: int = 4
+    backoff_s: float = 0.2
+    timeout_s: float = 10.0
+
+
+def _retryable(e: BaseException) -> bool:
+    if isinstance(e, ApiException):
+        return e.status in (429,) or (e.status or 0) >= 500 or e.status == 0
+    return isinstance(e, TimeoutError | aiohttp.ClientError)
+
+
+async def call(op: str, fn: Callable[[], Awaitable[T]], retry: Retry) -> T:
+    """Run one API call with retries on transient failures; other errors go straight up."""
+    for attempt in range(retry.attempts):
+        try:
+            return await fn()
+        except Exception as e:
+            status = str(getattr(e, "status", type(e).__name__))
+            API_ERRORS.labels(op, status).inc()
+            if not _retryable(e) or attempt == retry.attempts - 1:
+                raise
+            log.warning("%s failed (%s), retrying", op, status)
+            await asyncio.sleep(retry.backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class KubeScaler:
+    """Reads and writes workload sizes through the /scale subresource."""
+
+    api: client.ApiClient
+    retry: Retry = field(default_factory=Retry)
+    conflict_retries: int = 5
+
+    def _co(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    async def get_scale(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        group, version, plural = WORKLOADS[kind]
+        return await call(
+            "get_scale",
+            lambda: self._co().get_namespaced_custom_object_scale(
+                group, version, namespace, plural, name, _request_timeout=self.retry.timeout_s
+            ),
+            self.retry,
+        )
+
+    async def get_replicas(self, kind: str, namespace: str, name: str) -> int:
+        scale = await self.get_scale(kind, namespace, name)
+        return int(scale.get("spec", {}).get("replicas", 0) or 0)
+
+    async def set_replicas(self, kind: str, namespace: str, name: str, replicas: int) -> int:
+        """Set spec.replicas; returns the size it had before. 409 -> re-read and retry."""
+        group, version, plural = WORKLOADS[kind]
+        for _ in range(self.conflict_retries):
+            scale = await self.get_scale(kind, namespace, name)
+            before = int(scale.get("spec", {}).get("replicas", 0) or 0)
+            if before == replicas:
+                return before
+            body = {
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "resourceVersion": scale.get("metadata", {}).get("resourceVersion"),
+                },
+                "spec": {"replicas": replicas},
+            }
+            try:
+                await call(
+                    "replace_scale",
+                    lambda body=body: self._co().replace_namespaced_custom_object_scale(
+                        group,
+                        version,
+                        namespace,
+                        plural,
+                        name,
+                        body,
+                        _request_timeout=self.retry.timeout_s,
+                    ),
+                    self.retry,
+                )
+                return before
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                log.info("scale %s/%s: conflict, re-reading", namespace, name)
+        raise KubeError(f"scale {kind} {namespace}/{name}: still conflicting after retries")
+
+    async def event(
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        *,
+        reason: str,
+        message: str,
+        type_: str = "Normal",
+    ) -> None:
+        """One Event per scaling decision, on the workload, so `kubectl describe` shows why."""
+        group, version, _ = WORKLOADS[kind]
+        now = dt.datetime.now(dt.UTC)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{group}/{version}",
+                "kind": kind,
+                "name": name,
+                "namespace": namespace,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "firstTimestamp": now.isoformat(),
+            "lastTimestamp": now.isoformat(),
+            "count": 1,
+        }
+        await call(
+            "create_event",
+            lambda: client.CoreV1Api(self.api).create_namespaced_event(
+                namespace, body, _request_timeout=self.retry.timeout_s
+            ),
+            self.retry,
+        )
+
+
+@dataclass
+class Placeholders:
+    """Keeps the placeholder pause pods in one namespace equal to a wanted list."""
+
+    api: client.ApiClient
+    namespace: str
+    priority_class: str = "kvpilot-placeholder"
+    image: str = "registry.k8s.io/pause:3.10"
+    retry: Retry = field(default_factory=Retry)
+
+    async def list(self) -> list[dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in PLACEHOLDER_LABELS.items())
+        resp = await call(
+            "list_placeholders",
+            lambda: client.CoreV1Api(self.api).list_namespaced_pod(
+                self.namespace, label_selector=selector, _request_timeout=self.retry.timeout_s
+            ),
+            self.retry,
+        )
+        pods = [self.api.sanitize_for_serialization(p) for p in resp.items]
+        # Filter here too: the label selector is a server-side courtesy, not a guarantee.
+        return [
+            p
+            for p in pods
+            if all(
+                p["metadata"].get("labels", {}).get(k) == v for k, v in PLACEHOLDER_LABELS.items()
+            )
+        ]
+
+    async def reconcile(self, wanted: Sequence[tuple[str, str, int, str]]) -> tuple[int, int]:
+        """wanted: (pool, accelerator, gpus, node_pool) per pod. Returns (created, deleted)."""
+        have: dict[tuple[str, str, int, str], list[str]] = {}
+        for p in await self.list():
+            labels = p["metadata"].get("labels", {})
+            node_pool = p["spec"].get("nodeSelector", {}).get("cloud.google.com/gke-nodepool", "")
+            key = (
+                labels.get("kvpilot.io/pool", ""),
+                labels.get("kvpilot.io/accelerator", ""),
+                int(labels.get("kvpilot.io/gpus", "1")),
+                node_pool,
+            )
+            have.setdefault(key, []).append(p["metadata"]["name"])
+        want: dict[tuple[str, str, int, str], int] = {}
+        for key in wanted:
+            want[key] = want.get(key, 0) + 1
+        core = client.CoreV1Api(self.api)
+        created = deleted = 0
+        for key in sorted(set(have) | set(want)):
+            names = sorted(have.get(key, []))
+            n = want.get(key, 0)
+            for name in names[n:]:
+                try:
+                    await call(
+                        "delete_placeholder",
+                        lambda name=name: core.delete_namespaced_pod(
+                            name, self.namespace, _request_timeout=self.retry.timeout_s
+                        ),
+                        self.retry,
+                    )
+                    deleted += 1
+                except ApiException as e:
+                    if e.status != 404:  # already gone (preempted): fine
+                        raise
+            pool, acc, gpus, node_pool = key
+            for _ in range(n - len(names)):
+                pod = placeholder_pod(
+                    name=f"kvpilot-ph-{pool}-{uuid.uuid4().hex[:8]}",
+                    namespace=self.namespace,
+                    pool=pool,
+                    accelerator=acc,
+                    gpus=gpus,
+                    node_pool=node_pool,
+                    priority_class=self.priority_class,
+                    image=self.image,
+                )
+                await call(
+                    "create_placeholder",
+                    lambda pod=pod: core.create_namespaced_pod(
+                        self.namespace, pod, _request_timeout=self.retry.timeout_s
+                    ),
+                    self.retry,
+                )
+                created += 1
+        return created, deleted
+
+
+def _micro_time(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, dt.datetime):
+        return (v if v.tzinfo else v.replace(tzinfo=dt.UTC)).timestamp()
+    return dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class LeaderElector:
+    """Leader election on a coordination.k8s.io/v1 Lease, as client-go's leaderelection does.
+
+    `try_acquire()` once per tick: it renews our lease, takes an expired one, or reports that
+    another holder is alive. Writes carry the resourceVersion, so of two candidates racing for an
+    expired lease exactly one wins (the other gets 409).
+    """
+
+    api: client.ApiClient
+    namespace: str
+    name: str
+    identity: str
+    lease_duration_s: float = 15.0
+    clock: Callable[[], float] = time.time
+    retry: Retry = field(default_factory=Retry)
+    is_leader: bool = False
+
+    async def try_acquire(self) -> bool:
+        self.is_leader = await self._try()
+        IS_LEADER.set(1 if self.is_leader else 0)
+        return self.is_leader
+
+    def _spec(self, now: float, acquire: float, transitions: int) -> dict[str, Any]:
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(round(self.lease_duration_s)),
+            "acquireTime": _micro_time(acquire),
+            "renewTime": _micro_time(now),
+            "leaseTransitions": transitions,
+        }
+
+    async def _try(self) -> bool:
+        coord = client.CoordinationV1Api(self.api)
+        now = self.clock()
+        try:
+            lease = await call(
+                "read_lease",
+                lambda: coord.read_namespaced_lease(
+                    self.name, self.namespace, _request_timeout=self.retry.timeout_s
+                ),
+                self.retry,
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(now, now, 0),
+            }
+            try:
+                await call(
+                    "create_lease",
+                    lambda: coord.create_namespaced_lease(
+                        self.namespace, body, _request_timeout=self.retry.timeout_s
+                    ),
+                    self.retry,
+                )
+                return True
+            except ApiException as e2:
+                if e2.status == 409:
+                    return False  # someone else created it first
+                raise
+        spec = lease.spec
+        holder = spec.holder_identity if spec else None
+        renew = _parse_time(spec.renew_time) if spec else None
+        duration = (spec.lease_duration_seconds if spec else None) or self.lease_duration_s
+        transitions = (spec.lease_transitions if spec else None) or 0
+        if holder and holder != self.identity and renew is not None and renew + duration > now:
+            return False  # held by a live leader
+        acquire = now
+        if holder == self.identity and spec and spec.acquire_time:
+            acquire = _parse_time(spec.acquire_time) or now
+        else:
+            transitions += 1
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "resourceVersion": lease.metadata.resource_version,
+            },
+            "spec": self._spec(now, acquire, transitions),
+        }
+        try:
+            await call(
+                "replace_lease",
+                lambda: coord.replace_namespaced_lease(
+                    self.name, self.namespace, body, _request_timeout=self.retry.timeout_s
+                ),
+                self.retry,
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+
+def api_client(
+    host: str | None = None, headers: Mapping[str, str] | None = None
+) -> client.ApiClient:
+    """An ApiClient for `host` (tests), else from the in-cluster service account or kubeconfig."""
+    cfg = client.Configuration()
+    if host:
+        cfg.host = host
+    return client.ApiClient(configuration=cfg)
+
+
+async def load_api_client() -> client.ApiClient:
+    from kubernetes_asyncio import config as kconfig
+
+    try:
+        kconfig.load_incluster_config()
+    except kconfig.ConfigException:
+        await kconfig.load_kube_config()
+    return client.ApiClient()

@@ -1,0 +1,214 @@
+"""The control loop: replica states in, one decision per pool, actuators out.
+
+Everything that decides is in replicas.py, nodepools.py and planner.py; this module only gathers
+inputs, calls them, exports what they decided and hands the result to an actuator (Kubernetes
+/scale, or local modelserver processes). A failed read or write is logged and counted and the
+pool keeps its size until the next tick: nothing here ever guesses a size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge
+
+from controller.nodepools import AcceleratorInventory, PoolGpuDemand, plan_accelerators
+from controller.replicas import Decision, PoolObservation, ReplicaAutoscaler
+from kvpilot.config import Config, PoolConfig, PoolScalingConfig
+from kvpilot.signals import ReplicaState
+
+log = logging.getLogger(__name__)
+
+DESIRED = Gauge("kvpilot_controller_desired_replicas", "Replicas the controller wants.", ["pool"])
+CURRENT = Gauge("kvpilot_controller_current_replicas", "The workload's spec.replicas.", ["pool"])
+SATURATION = Gauge(
+    "kvpilot_controller_saturation_ratio", "Mean replica saturation (1 = at targets).", ["pool"]
+)
+FORECAST = Gauge(
+    "kvpilot_controller_forecast_replicas", "Replicas the demand forecast asks for.", ["pool"]
+)
+PANIC = Gauge("kvpilot_controller_panic", "1 while the pool is in panic mode.", ["pool"])
+SCALE_ACTIONS = Counter(
+    "kvpilot_controller_scale_actions_total",
+    "Scaling decisions applied (or, in dry-run, that would have been).",
+    ["pool", "direction", "dry_run"],
+)
+ERRORS = Counter(
+    "kvpilot_controller_errors_total", "Ticks where a pool's read or write failed.", ["pool", "op"]
+)
+GPUS_NEEDED = Gauge(
+    "kvpilot_controller_gpus_needed", "GPUs needed per accelerator.", ["accelerator"]
+)
+PLACEHOLDER_GPUS = Gauge(
+    "kvpilot_controller_placeholder_gpus", "GPUs held by placeholder pods.", ["accelerator"]
+)
+
+
+@dataclass(frozen=True)
+class PoolTarget:
+    pool: PoolConfig
+    scaling: PoolScalingConfig
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+    @property
+    def workload(self) -> str:
+        return self.scaling.target or self.pool.name
+
+
+class Actuator(Protocol):
+    async def get_replicas(self, t: PoolTarget) -> int: ...
+
+    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> None: ...
+
+
+class NodeActuator(Protocol):
+    async def apply(self, plans: dict, targets: Sequence[PoolTarget]) -> None: ...
+
+
+def targets(cfg: Config) -> list[PoolTarget]:
+    return [PoolTarget(p, cfg.controller.pools.get(p.name, PoolScalingConfig())) for p in cfg.pools]
+
+
+class Controller:
+    def __init__(
+        self,
+        cfg: Config,
+        actuator: Actuator,
+        states: Callable[[], Iterable[ReplicaState]],
+        *,
+        nodes: NodeActuator | None = None,
+        leader: Callable[[], asyncio.Future[bool]] | None = None,
+        clock: Callable[[], float] = time.time,
+        accelerator_for: Callable[[PoolTarget], str] | None = None,
+    ) -> None:
+        self.actuator = actuator
+        self.states = states
+        self.nodes = nodes
+        self.leader = leader
+        self.clock = clock
+        self.accelerator_for = accelerator_for or (lambda t: t.pool.accelerator)
+        self.autoscalers: dict[str, ReplicaAutoscaler] = {}
+        self.last: dict[str, Decision] = {}
+        self.apply_config(cfg)
+
+    def apply_config(self, cfg: Config) -> None:
+        """Take a new (already validated) config; a pool whose scaling settings did not change
+        keeps its autoscaler and with it its stabilization window and forecast."""
+        self.cfg = cfg
+        self.targets = targets(cfg)
+        kept = {}
+        for t in self.targets:
+            old = self.autoscalers.get(t.name)
+            kept[t.name] = (
+                old if old is not None and old.cfg == t.scaling else ReplicaAutoscaler(t.scaling)
+            )
+        self.autoscalers = kept
+
+    async def tick(self) -> dict[str, Decision]:
+        if self.leader is not None and not await self.leader():
+            return {}
+        now = self.clock()
+        by_pool: dict[str, list[ReplicaState]] = {}
+        for s in self.states():
+            by_pool.setdefault(s.pool, []).append(s)
+        decisions: dict[str, Decision] = {}
+        for t in self.targets:
+            try:
+                current = await self.actuator.get_replicas(t)
+            except Exception as e:
+                ERRORS.labels(t.name, "read").inc()
+                log.error("pool %s: cannot read its size, holding: %s", t.name, e)
+                continue
+            d = self.autoscalers[t.name].decide(
+                PoolObservation(current, by_pool.get(t.name, ())), now
+            )
+            decisions[t.name] = d
+            self._export(t.name, d)
+            if d.changed:
+                await self._apply(t, d)
+        self.last = decisions
+        if self.nodes is not None:
+            await self._nodes(decisions)
+        return decisions
+
+    async def _apply(self, t: PoolTarget, d: Decision) -> None:
+        direction = "up" if d.desired > d.current else "down"
+        dry = self.cfg.controller.dry_run
+        SCALE_ACTIONS.labels(t.name, direction, str(dry).lower()).inc()
+        if dry:
+            log.info(
+                "dry-run: pool %s would scale %d -> %d (%s)", t.name, d.current, d.desired, d.reason
+            )
+            return
+        log.info("pool %s: scale %d -> %d (%s)", t.name, d.current, d.desired, d.reason)
+        try:
+            await self.actuator.set_replicas(t, d.desired, d)
+        except Exception as e:
+            ERRORS.labels(t.name, "write").inc()
+            log.error(
+                "pool %s: scaling to %d failed, will retry next tick: %s", t.name, d.desired, e
+            )
+
+    async def _nodes(self, decisions: dict[str, Decision]) -> None:
+        demands = []
+        for t in self.targets:
+            d = decisions.get(t.name)
+            acc = self.accelerator_for(t)
+            if d is None or not acc:
+                continue
+            demands.append(
+                PoolGpuDemand(
+                    pool=t.name,
+                    accelerator=acc,
+                    gpus_per_replica=t.pool.gpus_per_replica,
+                    current_replicas=d.desired if not self.cfg.controller.dry_run else d.current,
+                    desired_replicas=d.desired,
+                    forecast_replicas=d.forecast,
+                    headroom_gpus=t.scaling.headroom_gpus,
+                    node_pool=t.scaling.node_pool,
+                )
+            )
+        gpn = {dm.accelerator: dm.gpus_per_replica for dm in demands}
+        plans = plan_accelerators(
+            demands, {a: AcceleratorInventory(a, gpus_per_node=n) for a, n in gpn.items()}
+        )
+        for acc, p in plans.items():
+            GPUS_NEEDED.labels(acc).set(p.gpus_needed)
+            PLACEHOLDER_GPUS.labels(acc).set(p.placeholder_gpus)
+        if self.cfg.controller.dry_run or self.nodes is None:
+            return
+        try:
+            await self.nodes.apply(plans, self.targets)
+        except Exception as e:
+            ERRORS.labels("*", "nodes").inc()
+            log.error("node actuator failed, will retry next tick: %s", e)
+
+    @staticmethod
+    def _export(pool: str, d: Decision) -> None:
+        DESIRED.labels(pool).set(d.desired)
+        CURRENT.labels(pool).set(d.current)
+        if d.saturation is not None:
+            SATURATION.labels(pool).set(d.saturation)
+        if d.forecast is not None:
+            FORECAST.labels(pool).set(d.forecast)
+        PANIC.labels(pool).set(1 if d.panic else 0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("controller tick failed")
+            wait = max(0.0, self.cfg.controller.interval_s - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)

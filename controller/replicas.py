@@ -1,0 +1,255 @@
+"""How many replicas a pool should have: pure code, fed plain data and `now`.
+
+Reactive part: the Kubernetes HPA algorithm on a per-replica *saturation* (max of queue, KV-cache
+and batch against their targets), including its rules for missing metrics and not-ready replicas,
+its tolerance, its scale-up rate limits and its scale-down stabilization window. On top: a panic
+mode (no scale-down during a sudden overload), optional scale to zero, and a demand forecast that
+raises the floor when demand is trending up faster than replicas can start.
+
+The live controller and the simulator call the same `ReplicaAutoscaler.decide(obs, now)`; the
+autoscaler keeps only its own small history (recommendations, scale-ups, forecast state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvpilot.config import PoolScalingConfig
+from kvpilot.signals import ReplicaState
+
+
+@dataclass(frozen=True)
+class PoolObservation:
+    """What the controller knows about one pool at one moment."""
+
+    current_replicas: int  # the workload's spec.replicas
+    states: Sequence[ReplicaState] = ()  # latest state per replica from the agents
+    held_requests: int = 0  # requests a gateway is holding for this pool (scale from zero)
+    arrival_rate_rps: float | None = None  # requests/s, when a gateway reports it
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    current: int
+    reason: str
+    saturation: float | None = None  # mean over replicas with fresh metrics
+    ready: int = 0  # replicas with fresh metrics
+    panic: bool = False
+    reactive: int | None = None  # HPA-style recommendation before limits
+    forecast: int | None = None  # replicas the forecast asks for at now + lead time
+
+    @property
+    def changed(self) -> bool:
+        return self.desired != self.current
+
+
+def saturation(s: ReplicaState, cfg: PoolScalingConfig) -> float:
+    """1.0 = the replica is exactly at its targets; above = over."""
+    return max(
+        s.waiting / cfg.queue_target, s.kv_usage / cfg.kv_target, s.running / cfg.batch_target
+    )
+
+
+def hpa_replicas(
+    current: int,
+    ready_ratios: Sequence[float],
+    *,
+    missing: int = 0,
+    unready: int = 0,
+    tolerance: float = 0.1,
+) -> int:
+    """The HPA's replica calculation for one metric, as in Kubernetes' replica_calculator.go.
+
+    ready_ratios: metric / target for each ready replica with metrics. Missing-metric replicas are
+    assumed at the target (ratio 1) when scaling down and at 0 when scaling up; not-ready replicas
+    at 0, and only when scaling up. If that reverses the direction or lands within the tolerance,
+    the current count is kept: missing data never causes a scale-down.
+    """
+    if not ready_ratios:
+        return current
+    n_ready = len(ready_ratios)
+    ratio = sum(ready_ratios) / n_ready
+    scale_up_with_unready = unready > 0 and ratio > 1.0
+    if not scale_up_with_unready and missing == 0:
+        if abs(1.0 - ratio) <= tolerance:
+            return current
+        return math.ceil(ratio * n_ready)
+    total = sum(ready_ratios)
+    count = n_ready
+    if missing:
+        total += missing * (1.0 if ratio < 1.0 else 0.0)
+        count += missing
+    if scale_up_with_unready:
+        count += unready  # at 0
+    new_ratio = total / count
+    if (
+        abs(1.0 - new_ratio) <= tolerance
+        or (ratio < 1.0 and new_ratio > 1.0)
+        or (ratio > 1.0 and new_ratio < 1.0)
+    ):
+        return current
+    new = math.ceil(new_ratio * count)
+    if (new_ratio < 1.0 and new > current) or (new_ratio > 1.0 and new < current):
+        return current
+    return new
+
+
+@dataclass
+class Holt:
+    """Holt's double exponential smoothing: a level and a trend, for forecasting demand."""
+
+    alpha: float = 0.5
+    beta: float = 0.3
+    level: float | None = None
+    trend: float = 0.0  # per second
+    last_t: float | None = None
+
+    def update(self, value: float, now: float) -> None:
+        if self.level is None or self.last_t is None:
+            self.level, self.last_t = value, now
+            return
+        dt = now - self.last_t
+        if dt <= 0:
+            return
+        predicted = self.level + self.trend * dt
+        level = self.alpha * value + (1 - self.alpha) * predicted
+        self.trend = self.beta * (level - self.level) / dt + (1 - self.beta) * self.trend
+        self.level, self.last_t = level, now
+
+    def forecast(self, horizon_s: float) -> float | None:
+        if self.level is None:
+            return None
+        return max(0.0, self.level + self.trend * horizon_s)
+
+
+@dataclass
+class ReplicaAutoscaler:
+    """One pool's autoscaler. `decide(obs, now)` is deterministic given the calls before it."""
+
+    cfg: PoolScalingConfig
+    _recs: deque[tuple[float, int]] = field(default_factory=deque)
+    _ups: deque[tuple[float, int]] = field(default_factory=deque)  # (time, replicas added)
+    _panic_until: float = -math.inf
+    _busy_at: float | None = None  # last time the pool had any work
+    _demand: Holt = field(default_factory=Holt)  # tokens/s, whole pool
+    _capacity: float | None = None  # tokens/s one replica serves at saturation 1, learned
+
+    def decide(self, obs: PoolObservation, now: float) -> Decision:
+        cfg = self.cfg
+        current = obs.current_replicas
+        fresh = [s for s in obs.states if s.healthy and s.age(now) <= cfg.stale_after_s]
+        unhealthy = sum(1 for s in obs.states if not s.healthy)
+        busy = obs.held_requests > 0 or any(
+            s.waiting or s.running or s.generation_tokens_per_s > 0 for s in fresh
+        )
+        if busy or self._busy_at is None:
+            self._busy_at = now
+
+        floor = max(1, cfg.min_replicas)
+        if current == 0:
+            if not cfg.scale_to_zero:
+                return self._finish(now, floor, current, "below min_replicas")
+            if obs.held_requests > 0 or (obs.arrival_rate_rps or 0) > 0:
+                return self._finish(now, floor, current, "scale from zero")
+            return Decision(0, 0, "scaled to zero, no demand")
+
+        if not fresh:
+            # All agents down or every replica still starting: hold the current size (within
+            # min/max, as the HPA does).
+            held = min(cfg.max_replicas, max(current, floor))
+            return Decision(held, current, "no fresh metrics; holding", ready=0)
+
+        sats = [saturation(s, cfg) for s in fresh]
+        mean_sat = sum(sats) / len(sats)
+        self._learn(fresh, sats, now)
+        missing = max(0, current - len(fresh) - unhealthy)
+        reactive = hpa_replicas(
+            current, sats, missing=missing, unready=unhealthy, tolerance=cfg.tolerance
+        )
+        if mean_sat >= cfg.panic_threshold:
+            self._panic_until = now + cfg.panic_hold_s
+        panic = now < self._panic_until
+
+        forecast = self._forecast_replicas()
+        raw = reactive
+        reason = f"saturation {mean_sat:.2f} over {len(fresh)} replicas"
+        if forecast is not None and forecast > raw and (missing == 0 or forecast > current):
+            raw, reason = forecast, f"forecast {forecast} replicas in {cfg.lead_time_s:.0f}s"
+        to_zero = False
+        if cfg.scale_to_zero and cfg.min_replicas == 0 and not busy:
+            idle_for = now - (self._busy_at or now)
+            if idle_for >= cfg.idle_before_zero_s:
+                raw, reason, to_zero = 0, f"idle for {idle_for:.0f}s", True
+        d = self._finish(now, raw, current, reason, panic=panic, to_zero=to_zero)
+        return Decision(
+            d.desired, current, d.reason, mean_sat, len(fresh), panic, reactive, forecast
+        )
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        now: float,
+        raw: int,
+        current: int,
+        reason: str,
+        *,
+        panic: bool = False,
+        to_zero: bool = False,
+    ) -> Decision:
+        cfg = self.cfg
+        # Zero only through the idle rule: a low saturation alone keeps one replica.
+        floor = 0 if to_zero else max(1, cfg.min_replicas)
+        raw = min(cfg.max_replicas, max(floor, raw))
+        # Scale-down stabilization: the highest recommendation within the window wins.
+        self._recs.append((now, raw))
+        while self._recs and self._recs[0][0] < now - cfg.scale_down_stabilization_s:
+            self._recs.popleft()
+        desired = current
+        if raw > current:
+            desired = min(raw, self._up_limit(now, current))
+            if desired < raw:
+                reason += f"; rate-limited to {desired}"
+        elif raw < current:
+            window_max = max(r for _, r in self._recs)
+            desired = min(current, window_max)
+            if panic:
+                desired, reason = current, reason + "; panic mode holds"
+            elif desired > raw:
+                reason += f"; stabilizing at {desired}"
+        if desired > current:
+            self._ups.append((now, desired - current))
+        return Decision(desired, current, reason)
+
+    def _up_limit(self, now: float, current: int) -> int:
+        cfg = self.cfg
+        while self._ups and self._ups[0][0] <= now - cfg.scale_up_period_s:
+            self._ups.popleft()
+        start = current - sum(n for _, n in self._ups)  # replicas at the start of the period
+        by_percent = math.ceil(start * (1 + cfg.scale_up_percent / 100))
+        return max(by_percent, start + cfg.scale_up_pods, current)
+
+    def _learn(self, fresh: Sequence[ReplicaState], sats: Sequence[float], now: float) -> None:
+        if not self.cfg.forecast:
+            return
+        demand = sum(s.prompt_tokens_per_s + s.generation_tokens_per_s for s in fresh)
+        self._demand.update(demand, now)
+        # A replica's capacity is what it serves at saturation 1; learn it only from replicas
+        # busy enough that throughput says something about their limit.
+        for s, sat in zip(fresh, sats, strict=True):
+            tps = s.prompt_tokens_per_s + s.generation_tokens_per_s
+            if sat >= 0.5 and tps > 0:
+                est = tps / sat
+                self._capacity = est if self._capacity is None else 0.8 * self._capacity + 0.2 * est
+
+    def _forecast_replicas(self) -> int | None:
+        if not self.cfg.forecast or not self._capacity:
+            return None
+        demand = self._demand.forecast(self.cfg.lead_time_s)
+        if demand is None:
+            return None
+        return math.ceil(demand / self._capacity)

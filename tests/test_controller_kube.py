@@ -1,0 +1,444 @@
+"""controller/kube.py against kmock's KubernetesEmulator over real HTTP on 127.0.0.1.
+
+`Cluster` adds the semantics the base emulator leaves out and that the controller relies on:
+resourceVersions with 409 on a stale write (optimistic concurrency), the /scale subresource of
+Deployments, StatefulSets and LeaderWorkerSets, PUT (replace), label selectors on pod lists, and
+injectable faults (a status for the next matching request, or a hang past the client's timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp.web
+import kmock
+import pytest
+from kmock import KubernetesEmulator, KubernetesError
+
+from controller.kube import (
+    KubeError,
+    KubeScaler,
+    LeaderElector,
+    Placeholders,
+    Retry,
+    api_client,
+)
+
+DEPLOY = "apps/v1/deployments"
+STS = "apps/v1/statefulsets"
+LWS = "leaderworkerset.x-k8s.io/v1/leaderworkersets"
+
+
+class Cluster(KubernetesEmulator):
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._rv = itertools.count(100)
+        self.faults: list[tuple[Callable[[kmock.Request], bool], int | str]] = []
+        self.scale_writes: list[tuple[str, int]] = []
+
+    def fail(self, match: Callable[[kmock.Request], bool], what: int | str, times: int = 1) -> None:
+        self.faults += [(match, what)] * times
+
+    def next_rv(self) -> str:
+        return str(next(self._rv))
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        for i, (match, what) in enumerate(self.faults):
+            if match(request):
+                del self.faults[i]
+                if what == "hang":
+                    await asyncio.sleep(1.0)
+                    what = 504
+                raise KubernetesError(status=int(what), reason="Injected", message="injected fault")
+        if request.resource is not None and request.name and request.subresource == "scale":
+            return await self._scale(request)
+        if request.resource is not None and request.name and request.method == kmock.method.PUT:
+            return await self._replace(request)
+        if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and isinstance(
+            request.data, dict
+        ):
+            request.data.setdefault("metadata", {})["resourceVersion"] = self.next_rv()
+        if request.action == kmock.action.LIST and request.params.get("labelSelector"):
+            return await self._list_selected(request)
+        return await super()._handle(request)
+
+    def _obj(self, request: kmock.Request) -> Any:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            raise KubernetesError(
+                status=404, reason="NotFound", message=f"{request.name} not found"
+            )
+        return self.objects[key]
+
+    def _check_rv(self, obj: Any, body: dict[str, Any]) -> None:
+        sent = (body.get("metadata") or {}).get("resourceVersion")
+        have = obj.raw.get("metadata", {}).get("resourceVersion")
+        if sent and sent != have:
+            raise KubernetesError(
+                status=409, reason="Conflict", message="the object has been modified"
+            )
+
+    async def _scale(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        async with self._lock:
+            obj = self._obj(request)
+            if request.method in (kmock.method.PUT, kmock.method.PATCH):
+                self._check_rv(obj, request.data)
+                replicas = int(request.data["spec"]["replicas"])
+                obj.patch(
+                    {
+                        "spec": {"replicas": replicas},
+                        "metadata": {"resourceVersion": self.next_rv()},
+                    }
+                )
+                self.scale_writes.append((request.name, replicas))
+            raw = obj.raw
+        return aiohttp.web.json_response(
+            {
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "metadata": {
+                    "name": request.name,
+                    "namespace": request.namespace,
+                    "resourceVersion": raw["metadata"]["resourceVersion"],
+                },
+                "spec": {"replicas": raw["spec"].get("replicas", 1)},
+                "status": {"replicas": raw.get("status", {}).get("replicas", 0)},
+            }
+        )
+
+    async def _replace(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        async with self._lock:
+            obj = self._obj(request)
+            self._check_rv(obj, request.data)
+            new = dict(request.data)
+            new["metadata"] = {**new.get("metadata", {}), "resourceVersion": self.next_rv()}
+            obj.patch(new)
+            raw = obj.raw
+        return aiohttp.web.json_response(raw)
+
+    async def _list_selected(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        want = dict(kv.split("=", 1) for kv in request.params["labelSelector"].split(","))
+        items = []
+        for (res, ns, _), obj in self.objects.items():
+            if res == request.resource and ns == request.namespace and not obj.deleted:
+                labels = obj.raw.get("metadata", {}).get("labels", {})
+                if all(labels.get(k) == v for k, v in want.items()):
+                    items.append(obj.raw)
+        return aiohttp.web.json_response(
+            {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
+        )
+
+
+def workload(name: str, replicas: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ml", "resourceVersion": "1"},
+        "spec": {"replicas": replicas},
+        "status": {"replicas": replicas},
+    }
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[Cluster, Any]]:
+    async with Cluster() as k8s, kmock.Server(k8s) as server:
+        k8s.objects[DEPLOY, "ml", "llama"] = workload("llama", 2)
+        k8s.objects[STS, "ml", "mixtral"] = workload("mixtral", 1)
+        k8s.objects[LWS, "ml", "big"] = workload("big", 1)
+        api = api_client(str(server.url).rstrip("/"))
+        try:
+            yield k8s, api
+        finally:
+            await api.close()
+
+
+FAST = Retry(attempts=4, backoff_s=0.01, timeout_s=0.3)
+
+
+@pytest.mark.parametrize(
+    ("kind", "res", "name"),
+    [
+        ("Deployment", DEPLOY, "llama"),
+        ("StatefulSet", STS, "mixtral"),
+        ("LeaderWorkerSet", LWS, "big"),
+    ],
+)
+async def test_scale_subresource_read_and_write(
+    cluster: Any, kind: str, res: str, name: str
+) -> None:
+    k8s, api = cluster
+    s = KubeScaler(api, FAST)
+    before = await s.get_replicas(kind, "ml", name)
+    assert await s.set_replicas(kind, "ml", name, 5) == before
+    assert k8s.objects[res, "ml", name]["spec"]["replicas"] == 5
+    assert await s.get_replicas(kind, "ml", name) == 5
+
+
+async def test_conflict_rereads_and_retries(cluster: Any) -> None:
+    k8s, api = cluster
+    # Someone else writes between our read and our write: the first PUT carries a stale version.
+    state = {"n": 0}
+
+    def first_put(r: kmock.Request) -> bool:
+        if r.subresource == "scale" and r.method == kmock.method.PUT and state["n"] == 0:
+            state["n"] = 1
+            k8s.objects[DEPLOY, "ml", "llama"].patch({"metadata": {"resourceVersion": "999"}})
+        return False
+
+    k8s.fail(first_put, 0)
+    s = KubeScaler(api, FAST)
+    await s.set_replicas("Deployment", "ml", "llama", 4)
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 4
+    puts = [r for r in list(k8s) if r.subresource == "scale" and r.method == kmock.method.PUT]
+    assert len(puts) == 2  # the 409, then the retry after a re-read
+
+
+async def test_500_and_timeouts_are_retried_without_a_wrong_scale(cluster: Any) -> None:
+    k8s, api = cluster
+    is_put = lambda r: r.subresource == "scale" and r.method == kmock.method.PUT  # noqa: E731
+    k8s.fail(is_put, 500)
+    k8s.fail(is_put, "hang")
+    s = KubeScaler(api, FAST)
+    await s.set_replicas("Deployment", "ml", "llama", 3)
+    assert k8s.scale_writes == [("llama", 3)]
+    # Failing for good: an error goes up, and the size is untouched.
+    k8s.fail(is_put, 503, times=10)
+    with pytest.raises(Exception) as exc:
+        await s.set_replicas("Deployment", "ml", "llama", 7)
+    assert getattr(exc.value, "status", None) == 503
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 3
+
+
+async def test_endless_conflicts_give_up(cluster: Any) -> None:
+    k8s, api = cluster
+    k8s.fail(lambda r: r.subresource == "scale" and r.method == kmock.method.PUT, 409, times=10)
+    with pytest.raises(KubeError, match="conflicting"):
+        await KubeScaler(api, FAST, conflict_retries=3).set_replicas("Deployment", "ml", "llama", 6)
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 2
+
+
+async def test_event_per_decision(cluster: Any) -> None:
+    k8s, api = cluster
+    s = KubeScaler(api, FAST)
+    await s.event("Deployment", "ml", "llama", reason="ScaledUp", message="2 -> 4: saturation 1.9")
+    events = [o.raw for (res, _, _), o in k8s.objects.items() if res.plural == "events"]
+    assert len(events) == 1
+    assert events[0]["involvedObject"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "llama",
+        "namespace": "ml",
+    }
+    assert events[0]["reason"] == "ScaledUp" and "saturation" in events[0]["message"]
+
+
+async def test_placeholder_pods_created_and_deleted(cluster: Any) -> None:
+    k8s, api = cluster
+    ph = Placeholders(api, "kvpilot-placeholders", retry=FAST)
+    # An unrelated pod in the namespace is never touched.
+    k8s.objects["v1/pods", "kvpilot-placeholders", "other"] = {
+        "metadata": {"name": "other", "namespace": "kvpilot-placeholders", "labels": {"app": "x"}},
+        "spec": {"containers": []},
+    }
+    wanted = [("llama", "nvidia-l4", 1, "")] * 3 + [("big", "nvidia-h100-80gb", 8, "h100")]
+    assert await ph.reconcile(wanted) == (4, 0)
+    pods = await ph.list()
+    assert len(pods) == 4
+    big = next(p for p in pods if p["metadata"]["labels"]["kvpilot.io/pool"] == "big")
+    assert big["spec"]["priorityClassName"] == "kvpilot-placeholder"
+    assert big["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "8"
+    assert big["spec"]["nodeSelector"]["cloud.google.com/gke-nodepool"] == "h100"
+    assert await ph.reconcile(wanted) == (0, 0)  # idempotent
+    assert await ph.reconcile([("llama", "nvidia-l4", 1, "")]) == (0, 3)
+    assert len(await ph.list()) == 1
+    assert not k8s.objects["v1/pods", "kvpilot-placeholders", "other"].deleted
+
+
+async def test_leader_election_one_acts_the_other_takes_over_after_expiry(cluster: Any) -> None:
+    k8s, api = cluster
+    now = [1000.0]
+    clock = lambda: now[0]  # noqa: E731
+    a = LeaderElector(
+        api, "kvpilot-system", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST
+    )
+    b = LeaderElector(
+        api, "kvpilot-system", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST
+    )
+    assert await a.try_acquire()
+    assert not await b.try_acquire()
+    for _ in range(3):  # a keeps renewing; b keeps waiting
+        now[0] += 10
+        assert await a.try_acquire()
+        assert not await b.try_acquire()
+    # a stops (crashed); once its lease expires, b takes over, and a can't come back.
+    now[0] += 16
+    assert await b.try_acquire()
+    assert not await a.try_acquire()
+    lease = k8s.objects["coordination.k8s.io/v1/leases", "kvpilot-system", "ctl"].raw
+    assert lease["spec"]["holderIdentity"] == "b"
+    assert lease["spec"]["leaseTransitions"] == 1
+
+
+async def test_two_candidates_racing_for_an_expired_lease_one_wins(cluster: Any) -> None:
+    _, api = cluster
+    now = [1000.0]
+    clock = lambda: now[0]  # noqa: E731
+    a, b, c = (
+        LeaderElector(api, "kvpilot-system", "ctl", x, lease_duration_s=15, clock=clock, retry=FAST)
+        for x in "abc"
+    )
+    assert await a.try_acquire()
+    now[0] += 20
+    won = await asyncio.gather(b.try_acquire(), c.try_acquire())
+    assert sorted(won) == [False, True]
+
+
+# --- the control loop on top, against the same emulator ---------------------------------------
+
+from prometheus_client import REGISTRY  # noqa: E402
+
+from controller.actuators import KubeActuator, PlaceholderNodes  # noqa: E402
+from controller.loop import Controller  # noqa: E402
+from kvpilot.config import parse_config  # noqa: E402
+from kvpilot.signals import ReplicaState  # noqa: E402
+
+
+def loop_config(**controller: Any) -> Any:
+    return parse_config(
+        {
+            "pools": [
+                {
+                    "name": "llama",
+                    "models": ["llama-3.1-8b"],
+                    "namespace": "ml",
+                    "accelerator": "nvidia-l4",
+                }
+            ],
+            "controller": {
+                "pools": {"llama": {"min_replicas": 1, "max_replicas": 10, "forecast": False}},
+                **controller,
+            },
+        }
+    )
+
+
+def busy(n: int, now: float, waiting: int = 8) -> list[ReplicaState]:
+    return [
+        ReplicaState(
+            replica_id=f"ml/llama-{i}", address="", pool="llama", waiting=waiting, observed_at=now
+        )
+        for i in range(n)
+    ]
+
+
+def gauge(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_loop_scales_records_an_event_and_exports(cluster: Any) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    ctl = Controller(
+        loop_config(), KubeActuator(KubeScaler(api, FAST)), lambda: busy(2, now), clock=lambda: now
+    )
+    ds = await ctl.tick()
+    assert ds["llama"].desired == 4  # saturation 2.0 over 2 replicas
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 4
+    events = [o.raw for (res, _, _), o in k8s.objects.items() if res.plural == "events"]
+    assert [e["reason"] for e in events] == ["ScaledUp"]
+    assert "2 -> 4" in events[0]["message"]
+    assert gauge("kvpilot_controller_desired_replicas", pool="llama") == 4
+
+
+async def test_loop_dry_run_only_decides(cluster: Any) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    cfg = loop_config(dry_run=True)
+    before = (
+        gauge(
+            "kvpilot_controller_scale_actions_total", pool="llama", direction="up", dry_run="true"
+        )
+        or 0
+    )
+    ctl = Controller(
+        cfg, KubeActuator(KubeScaler(api, FAST)), lambda: busy(2, now), clock=lambda: now
+    )
+    assert (await ctl.tick())["llama"].desired == 4
+    assert k8s.scale_writes == []
+    after = gauge(
+        "kvpilot_controller_scale_actions_total", pool="llama", direction="up", dry_run="true"
+    )
+    assert after == before + 1
+
+
+async def test_loop_holds_when_agents_are_down_or_the_api_fails(cluster: Any) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    states: list[ReplicaState] = []
+    ctl = Controller(
+        loop_config(), KubeActuator(KubeScaler(api, FAST)), lambda: states, clock=lambda: now
+    )
+    assert (await ctl.tick())["llama"].desired == 2  # no states at all: hold
+    # Reads fail for good: the pool is skipped, nothing is written.
+    k8s.fail(lambda r: r.subresource == "scale", 500, times=8)
+    states[:] = busy(2, now)
+    assert "llama" not in await ctl.tick()
+    assert k8s.scale_writes == []
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 2
+
+
+async def test_only_the_leader_acts(cluster: Any) -> None:
+    k8s, api = cluster
+    now = [5000.0]
+    clock = lambda: now[0]  # noqa: E731
+
+    def make(identity: str) -> Controller:
+        el = LeaderElector(
+            api, "kvpilot-system", "ctl", identity, lease_duration_s=15, clock=clock, retry=FAST
+        )
+        return Controller(
+            loop_config(),
+            KubeActuator(KubeScaler(api, FAST)),
+            lambda: busy(2, now[0]),
+            clock=clock,
+            leader=el.try_acquire,
+        )
+
+    a, b = make("a"), make("b")
+    assert (await a.tick())["llama"].desired == 4
+    assert await b.tick() == {}
+    assert k8s.scale_writes == [("llama", 4)]
+
+
+async def test_loop_placeholders_for_headroom(cluster: Any) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    cfg = parse_config(
+        {
+            "pools": [
+                {
+                    "name": "llama",
+                    "models": ["llama-3.1-8b"],
+                    "namespace": "ml",
+                    "accelerator": "nvidia-l4",
+                }
+            ],
+            "controller": {"pools": {"llama": {"headroom_gpus": 2, "forecast": False}}},
+        }
+    )
+    ph = Placeholders(api, "kvpilot-placeholders", retry=FAST)
+    ctl = Controller(
+        cfg,
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now, waiting=4),
+        clock=lambda: now,
+        nodes=PlaceholderNodes(ph),
+    )
+    await ctl.tick()
+    pods = await ph.list()
+    assert len(pods) == 2
+    assert {p["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"] for p in pods} == {
+        "nvidia-l4"
+    }
+    assert gauge("kvpilot_controller_placeholder_gpus", accelerator="nvidia-l4") == 2

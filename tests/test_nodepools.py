@@ -1,0 +1,163 @@
+"""Node-pool policy (pure) and the GKE setSize actuator against a local server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controller.gke import TOKEN_PATH, GkeError, GkeNodePools
+from controller.nodepools import (
+    AcceleratorInventory,
+    PoolGpuDemand,
+    placeholder_pod,
+    plan_accelerators,
+)
+
+
+def test_gpus_needed_is_replicas_times_gpus_plus_headroom() -> None:
+    plans = plan_accelerators(
+        [
+            PoolGpuDemand(
+                "a", "nvidia-l4", 1, current_replicas=2, desired_replicas=3, headroom_gpus=1
+            ),
+            PoolGpuDemand(
+                "b", "nvidia-l4", 2, current_replicas=1, desired_replicas=1, forecast_replicas=3
+            ),
+            PoolGpuDemand("c", "nvidia-h100-80gb", 8, current_replicas=1, desired_replicas=1),
+        ],
+        {"nvidia-l4": AcceleratorInventory("nvidia-l4", allocatable_gpus=6, gpus_per_node=4)},
+    )
+    l4 = plans["nvidia-l4"]
+    assert l4.gpus_needed == 3 * 1 + 1 + 3 * 2  # 10
+    assert l4.gpus_requested == 2 + 2
+    # a: one missing replica + 1 headroom GPU; b: two forecast replicas of 2 GPUs.
+    assert sorted(l4.placeholders) == [("a", 1, ""), ("a", 1, ""), ("b", 2, ""), ("b", 2, "")]
+    assert l4.placeholder_gpus == 6
+    assert l4.shortfall_gpus == 4
+    assert l4.target_nodes == 3
+    h100 = plans["nvidia-h100-80gb"]
+    assert h100.placeholders == () and h100.gpus_needed == 8
+
+
+def test_target_nodes_never_below_what_running_replicas_request() -> None:
+    plans = plan_accelerators(
+        [PoolGpuDemand("a", "nvidia-l4", 1, current_replicas=8, desired_replicas=2)],
+        {"nvidia-l4": AcceleratorInventory("nvidia-l4", allocatable_gpus=8, gpus_per_node=2)},
+    )
+    assert plans["nvidia-l4"].target_nodes == 4
+
+
+def test_placeholder_pod_requests_gpus_at_low_priority_on_the_right_nodes() -> None:
+    pod = placeholder_pod(
+        name="ph-1",
+        namespace="ph",
+        pool="llama",
+        accelerator="nvidia-l4",
+        gpus=2,
+        node_pool="l4-pool",
+    )
+    spec = pod["spec"]
+    assert spec["priorityClassName"] == "kvpilot-placeholder"
+    assert spec["nodeSelector"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-l4",
+        "cloud.google.com/gke-nodepool": "l4-pool",
+    }
+    assert spec["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+
+
+class FakeGke:
+    """The metadata token endpoint and the container API's nodePools:setSize, on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self.fail: list[int | str] = []  # statuses (or "hang") for the next setSize calls
+        self.tokens_issued = 0
+        self.auth_seen: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(TOKEN_PATH, self.token)
+        app.router.add_post(
+            "/v1/projects/{p}/locations/{l}/clusters/{c}/nodePools/{np}:setSize", self.set_size
+        )
+        return app
+
+    async def token(self, request: web.Request) -> web.Response:
+        if request.headers.get("Metadata-Flavor") != "Google":
+            return web.Response(status=403)
+        self.tokens_issued += 1
+        return web.json_response(
+            {
+                "access_token": f"tok-{self.tokens_issued}",
+                "expires_in": 3599,
+                "token_type": "Bearer",
+            }
+        )
+
+    async def set_size(self, request: web.Request) -> web.Response:
+        self.auth_seen.append(request.headers.get("Authorization", ""))
+        if self.fail:
+            f = self.fail.pop(0)
+            if f == "hang":
+                await asyncio.sleep(1)
+            return web.json_response({"error": {"code": f}}, status=int(f) if f != "hang" else 504)
+        body: dict[str, Any] = await request.json()
+        np = request.match_info["np"]
+        self.sizes[np] = body["nodeCount"]
+        return web.json_response(
+            {"name": "operation-1", "operationType": "SET_NODE_POOL_SIZE", "status": "RUNNING"}
+        )
+
+
+@pytest.fixture
+async def gke() -> Any:
+    fake = FakeGke()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as session:
+        client = GkeNodePools(
+            session,
+            "proj",
+            "us-central1",
+            "c1",
+            api_url=f"http://127.0.0.1:{port}",
+            metadata_url=f"http://127.0.0.1:{port}",
+            timeout_s=0.5,
+            backoff_s=0.01,
+        )
+        yield fake, client
+    await runner.cleanup()
+
+
+async def test_set_size_uses_the_metadata_token(gke: Any) -> None:
+    fake, client = gke
+    op = await client.set_size("l4-pool", 3)
+    assert op["operationType"] == "SET_NODE_POOL_SIZE"
+    assert fake.sizes == {"l4-pool": 3}
+    assert fake.auth_seen == ["Bearer tok-1"]
+    await client.set_size("l4-pool", 4)
+    assert fake.tokens_issued == 1  # cached until it expires
+
+
+async def test_set_size_retries_5xx_timeouts_and_refreshes_on_401(gke: Any) -> None:
+    fake, client = gke
+    fake.fail = [503, "hang", 401]
+    await client.set_size("l4-pool", 5)
+    assert fake.sizes == {"l4-pool": 5}
+    assert fake.tokens_issued == 2  # the 401 forced a fresh token
+    assert len(fake.auth_seen) == 4
+
+
+async def test_set_size_gives_up_on_4xx_without_resizing(gke: Any) -> None:
+    fake, client = gke
+    fake.fail = [400]
+    with pytest.raises(GkeError, match="HTTP 400"):
+        await client.set_size("l4-pool", 2)
+    assert fake.sizes == {}
