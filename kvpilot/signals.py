@@ -7,8 +7,10 @@ the gateway and controller can read them, and the simulator can make them withou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -104,30 +106,41 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
     Unknown keys are ignored so that a newer agent can talk to an older gateway.
     """
-    hints = typing.get_type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in data:
-            kwargs[f.name] = _decode(hints[f.name], data[f.name])
+    for name, decode in _field_decoders(cls):
+        if name in data:
+            value = data[name]
+            kwargs[name] = value if decode is None or value is None else decode(value)
     return cls(**kwargs)
+
+
+@functools.cache
+def _field_decoders(cls: type) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """Per class, once: each field's name and how to decode it (None: JSON value as is).
+
+    States arrive several times a second with dozens of objects; walking type hints per object
+    would cost milliseconds, so the walk happens once per class.
+    """
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, _decoder(hints[f.name])) for f in dataclasses.fields(cls))
+
+
+def _decoder(tp: Any) -> Callable[[Any], Any] | None:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _decoder(args[0]) if len(args) == 1 else None
+    if origin is tuple:
+        item = _decoder(typing.get_args(tp)[0])
+        if item is None:
+            return tuple
+        return lambda v: tuple(item(x) for x in v)
+    if dataclasses.is_dataclass(tp):
+        return functools.partial(from_dict, tp)
+    if tp is float:
+        return float
+    return None
 
 
 def from_json(cls: type[T], raw: bytes | str) -> T:
     return from_dict(cls, orjson.loads(raw))
-
-
-def _decode(tp: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _decode(args[0], value) if len(args) == 1 else value
-    if origin is tuple:
-        (item,) = typing.get_args(tp)[:1]
-        return tuple(_decode(item, v) for v in value)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value)
-    if tp is float and isinstance(value, int):
-        return float(value)
-    return value
