@@ -73,6 +73,9 @@ class AgentConfig:
     kubernetes: bool = False  # watch Pods on this node instead of pools[].endpoints
     pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
     gpu_map: dict[str, tuple[int, ...]] = field(default_factory=dict)  # endpoint -> GPU indices
+    rate_window_s: float = 5.0  # token rates and TTFT/TPOT means over this recent window
+    accelerator: str = ""  # GKE accelerator label of this node, when pods and pools do not say
+    pod_resources_refresh_s: float = 5.0  # how often to ask the kubelet who holds which GPU
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,44 @@ class GatewayConfig:
     max_retries: int = 2
     queue_size: int = 1024
     queue_timeout_s: float = 30.0
+    services: dict[str, str] = field(default_factory=dict)  # pool -> Service (default: its name)
+    model_priority: dict[str, int] = field(default_factory=dict)  # default x-kvpilot-priority
+    scrape_fallback: bool = True  # scrape /metrics of replicas no agent reports
+    scrape_interval_s: float = 0.5
+    stale_after_s: float = 5.0  # older states are ignored: route on in-flight counts
+    eject_after_failures: int = 3  # consecutive failures before the first byte
+    eject_for_s: float = 10.0
+    retry_budget_ratio: float = 0.2  # retries may add this share of the request rate
+    retry_budget_min_per_s: float = 5.0  # ... plus this many per second
+    queue_when_saturated: bool = True  # headroom holds requests when no replica fits (else fail open)
+
+
+@dataclass(frozen=True)
+class PoolScalingConfig:
+    """How the controller scales one pool (`controller.pools.<pool name>`); see docs/controller.md."""
+
+    min_replicas: int = 1
+    max_replicas: int = 8
+    queue_target: float = 4.0  # waiting requests per replica
+    kv_target: float = 0.8  # KV-cache usage per replica
+    batch_target: float = 48.0  # running requests per replica
+    tolerance: float = 0.1
+    scale_up_percent: float = 100.0  # per scale_up_period_s ...
+    scale_up_pods: int = 4  # ... or this many pods, whichever is larger
+    scale_up_period_s: float = 15.0
+    scale_down_stabilization_s: float = 300.0
+    panic_threshold: float = 2.0  # mean saturation that counts as sudden overload
+    panic_hold_s: float = 60.0
+    scale_to_zero: bool = False
+    idle_before_zero_s: float = 600.0
+    stale_after_s: float = 30.0  # older replica states count as missing metrics
+    forecast: bool = True
+    lead_time_s: float = 180.0  # replica start-up (+ node provisioning) the forecast looks ahead
+    kind: Literal["Deployment", "StatefulSet", "LeaderWorkerSet"] = "Deployment"
+    target: str = ""  # workload name; defaults to the pool name
+    accelerators: tuple[str, ...] = ()  # accelerator pools this pool may grow into (planner picks)
+    headroom_gpus: int = 0  # spare GPUs kept warm per accelerator
+    node_pool: str = ""  # GKE node pool for the gke node actuator
 
 
 @dataclass(frozen=True)
@@ -96,6 +137,24 @@ class ControllerConfig:
     mode: Literal["kubernetes", "local"] = "kubernetes"
     interval_s: float = 15.0
     dry_run: bool = False
+    agents: tuple[str, ...] = ()  # agent URLs; defaults to gateway.agents
+    listen: str = "127.0.0.1:9300"  # /metrics and /healthz
+    pools: dict[str, PoolScalingConfig] = field(default_factory=dict)
+    node_actuator: Literal["none", "placeholders", "gke"] = "none"
+    placeholder_namespace: str = "kvpilot-placeholders"
+    placeholder_priority_class: str = "kvpilot-placeholder"
+    placeholder_image: str = "registry.k8s.io/pause:3.10"
+    leader_election: bool = True
+    lease_name: str = "kvpilot-controller"
+    lease_namespace: str = "kvpilot-system"
+    lease_duration_s: float = 15.0
+    gke_project: str = ""
+    gke_location: str = ""
+    gke_cluster: str = ""
+    gke_api_url: str = "https://container.googleapis.com"
+    gke_metadata_url: str = "http://metadata.google.internal"
+    local_gpu: str = "l4"  # GPU profile for modelservers started in local mode
+    local_time_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -221,11 +280,56 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"gateway.policy: {cfg.gateway.policy!r} is not one of {list(POLICIES)}")
     for key, addr in (("agent.listen", cfg.agent.listen), ("gateway.listen", cfg.gateway.listen)):
         _check_listen(key, addr)
+    _check_controller(cfg)
+    gw = cfg.gateway
+    for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "queue_timeout_s",
+                "scrape_interval_s", "stale_after_s", "eject_for_s"):
+        if getattr(gw, key) <= 0:
+            raise ConfigError(f"gateway.{key}: {getattr(gw, key)} must be > 0 seconds")
+    for key in ("max_retries", "queue_size", "max_body_bytes", "eject_after_failures"):
+        if getattr(gw, key) < (0 if key == "max_retries" else 1):
+            raise ConfigError(f"gateway.{key}: {getattr(gw, key)} is out of range")
+    if not 0 <= gw.retry_budget_ratio <= 1:
+        raise ConfigError(f"gateway.retry_budget_ratio: {gw.retry_budget_ratio} must be 0 to 1")
+    for key in ("scrape_timeout_s", "stale_after_s", "rate_window_s", "pod_resources_refresh_s"):
+        if getattr(cfg.agent, key) <= 0:
+            raise ConfigError(f"agent.{key}: {getattr(cfg.agent, key)} must be > 0 seconds")
     if not 0.05 <= cfg.agent.scrape_interval_s <= 60:
         raise ConfigError(
             f"agent.scrape_interval_s: {cfg.agent.scrape_interval_s} is out of range; "
             "expected 0.05 to 60 seconds"
         )
+
+
+def _check_controller(cfg: Config) -> None:
+    c = cfg.controller
+    _check_listen("controller.listen", c.listen)
+    if c.interval_s <= 0:
+        raise ConfigError(f"controller.interval_s: {c.interval_s} must be > 0 seconds")
+    if c.lease_duration_s < 2:
+        raise ConfigError(f"controller.lease_duration_s: {c.lease_duration_s} must be >= 2 seconds")
+    if c.node_actuator == "gke" and not (c.gke_project and c.gke_location and c.gke_cluster):
+        raise ConfigError(
+            "controller.node_actuator: 'gke' needs controller.gke_project, gke_location and gke_cluster"
+        )
+    for name, s in c.pools.items():
+        key = f"controller.pools.{name}"
+        if cfg.pool(name) is None:
+            raise ConfigError(f"{key}: no pool named {name!r} in pools[]")
+        if s.min_replicas < 0 or s.max_replicas < max(1, s.min_replicas):
+            raise ConfigError(
+                f"{key}: min_replicas {s.min_replicas} / max_replicas {s.max_replicas}; "
+                "expected 0 <= min_replicas <= max_replicas and max_replicas >= 1"
+            )
+        if s.min_replicas == 0 and not s.scale_to_zero:
+            raise ConfigError(f"{key}.min_replicas: 0 needs scale_to_zero: true")
+        for k in ("queue_target", "kv_target", "batch_target", "scale_up_period_s"):
+            if getattr(s, k) <= 0:
+                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0")
+        if not 0 <= s.tolerance < 1:
+            raise ConfigError(f"{key}.tolerance: {s.tolerance} must be in [0, 1)")
+        if s.kv_target > 1:
+            raise ConfigError(f"{key}.kv_target: {s.kv_target} must be <= 1")
 
 
 def _check_listen(key: str, value: str) -> None:
