@@ -146,7 +146,7 @@ class ControllerConfig:
     placeholder_image: str = "registry.k8s.io/pause:3.10"
     leader_election: bool = True
     lease_name: str = "kvpilot-controller"
-    lease_namespace: str = "kvpilot-system"
+    lease_namespace: str = "kvpilot"
     lease_duration_s: float = 15.0
     gke_project: str = ""
     gke_location: str = ""

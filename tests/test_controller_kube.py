@@ -260,10 +260,10 @@ async def test_leader_election_one_acts_the_other_takes_over_after_expiry(cluste
     now = [1000.0]
     clock = lambda: now[0]  # noqa: E731
     a = LeaderElector(
-        api, "kvpilot-system", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST
+        api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST
     )
     b = LeaderElector(
-        api, "kvpilot-system", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST
+        api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST
     )
     assert await a.try_acquire()
     assert not await b.try_acquire()
@@ -275,7 +275,7 @@ async def test_leader_election_one_acts_the_other_takes_over_after_expiry(cluste
     now[0] += 16
     assert await b.try_acquire()
     assert not await a.try_acquire()
-    lease = k8s.objects["coordination.k8s.io/v1/leases", "kvpilot-system", "ctl"].raw
+    lease = k8s.objects["coordination.k8s.io/v1/leases", "kvpilot", "ctl"].raw
     assert lease["spec"]["holderIdentity"] == "b"
     assert lease["spec"]["leaseTransitions"] == 1
 
@@ -285,7 +285,7 @@ async def test_two_candidates_racing_for_an_expired_lease_one_wins(cluster: Any)
     now = [1000.0]
     clock = lambda: now[0]  # noqa: E731
     a, b, c = (
-        LeaderElector(api, "kvpilot-system", "ctl", x, lease_duration_s=15, clock=clock, retry=FAST)
+        LeaderElector(api, "kvpilot", "ctl", x, lease_duration_s=15, clock=clock, retry=FAST)
         for x in "abc"
     )
     assert await a.try_acquire()
@@ -395,7 +395,7 @@ async def test_only_the_leader_acts(cluster: Any) -> None:
 
     def make(identity: str) -> Controller:
         el = LeaderElector(
-            api, "kvpilot-system", "ctl", identity, lease_duration_s=15, clock=clock, retry=FAST
+            api, "kvpilot", "ctl", identity, lease_duration_s=15, clock=clock, retry=FAST
         )
         return Controller(
             loop_config(),
