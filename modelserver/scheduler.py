@@ -99,6 +99,7 @@ class TokenOutput:
     index: int  # 0 for the first generated token
     finish_reason: str | None  # None while running; "length" | "stop" on the last token
     num_cached_tokens: int = 0  # on the first token: prompt tokens served from the prefix cache
+    queue_time_s: float = 0.0  # on the first token: arrival to first scheduled (vLLM's queue time)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class _Request:
         "num_output",
         "num_cached_tokens",
         "arrival_time",
+        "queue_time",
         "state",
     )
 
@@ -170,6 +172,7 @@ class _Request:
         self.num_output = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 before it
         self.arrival_time = arrival_time
+        self.queue_time = 0.0  # arrival to first admission into the running batch
         self.state = state  # token-id generator state
 
 
@@ -360,6 +363,7 @@ class Engine:
                     self._prefix_hits += nc
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = nc
+                    req.queue_time = max(0.0, now - req.arrival_time)
                 waiting.popleft()
                 running.append(req)
                 scheduled.append((req, num_new))
@@ -391,14 +395,14 @@ class Engine:
             req.tokens.append(token)
             req.num_output = k + 1
             cached = 0
+            queued = 0.0
             if k == 0:
                 self._prompt_tokens += req.prompt_len
                 cached = req.num_cached_tokens
+                queued = req.queue_time
             if k + 1 >= req.target:
                 outputs.append(
-                    TokenOutput(
-                        req.request_id, token, k, req.finish_reason, cached if k == 0 else 0
-                    )
+                    TokenOutput(req.request_id, token, k, req.finish_reason, cached, queued)
                 )
                 pool.free_blocks(req.blocks)
                 req.blocks = []
@@ -406,7 +410,7 @@ class Engine:
                 req.num_computed = -1  # marks it finished for the sweep below
                 finished = True
             else:
-                outputs.append(TokenOutput(req.request_id, token, k, None, cached if k == 0 else 0))
+                outputs.append(TokenOutput(req.request_id, token, k, None, cached, queued))
         self._generation_tokens += len(outputs)
         if finished:
             self._running = [r for r in running if r.num_computed >= 0]

@@ -266,9 +266,8 @@ class EngineLoop:
                 gen.first_token_at = at
                 gen.num_cached_tokens = tok.num_cached_tokens
                 m.time_to_first_token.observe(at - gen.arrival)
-                # Queue time ends when the request was first scheduled; the engine reports tokens,
-                # not schedules, so take the start of the step that produced its first token.
-                m.request_queue_time.observe(max(0.0, out.start - gen.arrival))
+                # Queue time ends when the engine first scheduled the request (modelled seconds).
+                m.request_queue_time.observe(tok.queue_time_s)
                 m.prompt_tokens.inc(gen.prompt_len)
             else:
                 m.inter_token_latency.observe(at - gen.last_token_at)

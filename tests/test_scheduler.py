@@ -69,6 +69,19 @@ def test_running_batch_respects_max_num_seqs_and_token_budget() -> None:
     assert e.stats().generation_tokens_total == 50
 
 
+def test_queue_time_is_arrival_to_first_schedule() -> None:
+    e = engine(max_num_seqs=1)
+    e.add_request("first", prompt(32), 8, ignore_eos=True, arrival_time=0.0)
+    e.add_request("second", prompt(32, 7), 8, ignore_eos=True, arrival_time=0.0)
+    steps, _ = run(e)
+    firsts = {o.request_id: o for s in steps for o in s.outputs if o.index == 0}
+    assert firsts["first"].queue_time_s == 0.0
+    # "second" waits for the only slot: scheduled in the step after "first" finished.
+    first_done = next(s for s in steps if any(o.finish_reason for o in s.outputs))
+    assert firsts["second"].queue_time_s == pytest.approx(first_done.start + first_done.duration_s)
+    assert all(o.queue_time_s == 0.0 for s in steps for o in s.outputs if o.index > 0)
+
+
 def test_chunked_prefill_splits_a_long_prompt_and_decodes_go_first() -> None:
     e = engine(max_num_batched_tokens=256, enable_prefix_caching=False)
     e.add_request("long", prompt(1000), 3, ignore_eos=True)
