@@ -1,0 +1,113 @@
+"""A fast fixed-answer OpenAI-compatible backend, to measure what a proxy adds and nothing else.
+
+`python bench/fixed_backend.py --port 9001 [--chunks 16]` answers every /v1/completions and
+/v1/chat/completions at once with the same small JSON, or (with "stream": true) with `--chunks`
+SSE events and [DONE]; /metrics publishes the few vLLM gauges a router reads, all idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import orjson
+from aiohttp import web
+
+_COMPLETION = orjson.dumps(
+    {
+        "id": "cmpl-fixed",
+        "object": "text_completion",
+        "created": 0,
+        "model": "fixed",
+        "choices": [{"index": 0, "text": " ok", "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }
+)
+_CHAT = orjson.dumps(
+    {
+        "id": "chatcmpl-fixed",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fixed",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }
+)
+_METRICS = (
+    'vllm:num_requests_waiting{model_name="fixed"} 0\n'
+    'vllm:num_requests_running{model_name="fixed"} 0\n'
+    'vllm:kv_cache_usage_perc{model_name="fixed"} 0\n'
+    'vllm:cache_config_info{block_size="16",num_gpu_blocks="4096"} 1\n'
+)
+
+
+def _event(i: int, chat: bool) -> bytes:
+    if chat:
+        delta = {
+            "id": "chatcmpl-fixed",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "fixed",
+            "choices": [{"index": 0, "delta": {"content": f" t{i}"}, "finish_reason": None}],
+        }
+    else:
+        delta = {
+            "id": "cmpl-fixed",
+            "object": "text_completion",
+            "created": 0,
+            "model": "fixed",
+            "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}],
+        }
+    return b"data: " + orjson.dumps(delta) + b"\n\n"
+
+
+def make_app(chunks: int = 16) -> web.Application:
+    streams = {
+        chat: [_event(i, chat) for i in range(chunks)] + [b"data: [DONE]\n\n"]
+        for chat in (False, True)
+    }
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        chat = request.path.endswith("chat/completions")
+        if b'"stream":true' not in raw.replace(b" ", b""):
+            return web.Response(
+                body=_CHAT if chat else _COMPLETION, content_type="application/json"
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for ev in streams[chat]:
+            await resp.write(ev)  # one write per event: what a token-by-token server does
+        await resp.write_eof()
+        return resp
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=_METRICS)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fixed", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", answer)
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=9001)
+    ap.add_argument("--chunks", type=int, default=16)
+    args = ap.parse_args()
+    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

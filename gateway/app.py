@@ -1,0 +1,249 @@
+"""The gateway's aiohttp application and its lifecycle.
+
+`build_app(cfg)` wires the parts: one shared upstream ClientSession (keep-alive pools), discovery,
+the state feeds (agents, direct scrape), the periodic tick, all created and torn down in
+`cleanup_ctx`. `run_gateway(cfg)` serves it in-process (tests, the demo); `kvpilot gateway
+--config F` serves it from the command line and applies config changes as the file changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from gateway.discovery import Discovery
+from gateway.fleet import Fleet, StateFeeds
+from gateway.proxy import Gateway
+from kvpilot.config import Config, parse_listen
+
+log = logging.getLogger(__name__)
+
+GATEWAY = web.AppKey("gateway", Gateway)
+DISCOVERY = web.AppKey("discovery", Discovery)
+TICK_S = 0.5  # ejections run out and stale states age between events: look again this often
+
+
+def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
+    """The gateway as an aiohttp app. `kube_api_client` overrides the in-cluster/kubeconfig client."""
+    gw_cfg = cfg.gateway
+    gateway_box: dict[str, Gateway] = {}
+
+    def on_change(pool: str) -> None:
+        g = gateway_box.get("g")
+        if g is not None:
+            g.wake(pool)
+
+    fleet = Fleet(
+        eject_after=gw_cfg.eject_after_failures,
+        eject_for_s=gw_cfg.eject_for_s,
+        stale_after_s=gw_cfg.stale_after_s,
+        on_change=on_change,
+    )
+    gateway = Gateway(cfg, fleet)
+    gateway_box["g"] = gateway
+    # Slack over the limit so that an oversize body is refused by our check with an OpenAI error.
+    app = web.Application(client_max_size=gw_cfg.max_body_bytes + 1)
+    app[GATEWAY] = gateway
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # no global cap: the queue and the picker bound what each replica gets
+            limit_per_host=0,
+            keepalive_timeout=30,
+            ttl_dns_cache=30,
+            enable_cleanup_closed=True,
+        )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=gw_cfg.connect_timeout_s)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        gateway.session = session
+        discovery = Discovery(
+            cfg.pools,
+            fleet,
+            kubernetes=gw_cfg.kubernetes,
+            services=gw_cfg.services,
+            api_client=kube_api_client,
+        )
+        app[DISCOVERY] = discovery
+        await discovery.start()
+        feeds = StateFeeds(
+            fleet,
+            session,
+            gw_cfg.agents,
+            scrape_interval_s=gw_cfg.scrape_interval_s,
+            scrape=gw_cfg.scrape_fallback,
+            engines={p.name: p.engine for p in cfg.pools},
+        )
+        feeds.start()
+        ticker = asyncio.create_task(_tick(fleet), name="gateway tick")
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await feeds.stop()
+            await app[DISCOVERY].stop()
+            await session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await gateway.handle(request, "completions")
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await gateway.handle(request, "chat/completions")
+
+    async def models(request: web.Request) -> web.Response:
+        try:
+            gateway.check_auth(request)
+        except Exception as e:  # GatewayError
+            return e.response()  # type: ignore[attr-defined]
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "kvpilot"}
+            for m in gateway.models()
+        ]
+        return web.Response(
+            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+        )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        """Ready once every pool's discovery has reported and some pool has a pickable replica."""
+        now = time.time()
+        pools = [p.name for p in gateway.cfg.pools]
+        unsynced = [p for p in pools if p not in fleet.synced]
+        pickable = {p: len(fleet.views(p, now)) for p in pools}
+        ok = not unsynced and any(pickable.values())
+        body = {"ready": ok, "unsynced": unsynced, "replicas": pickable}
+        return web.Response(
+            status=200 if ok else 503, body=orjson.dumps(body), content_type="application/json"
+        )
+
+    async def prom(request: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(REGISTRY))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def fleet_view(request: web.Request) -> web.Response:
+        """What the gateway believes about each replica (for people and tests, not for scripts)."""
+        now = time.time()
+        pools = {}
+        for name, reps in fleet.pools.items():
+            pools[name] = [
+                {
+                    "id": r.replica_id,
+                    "url": r.url,
+                    "terminating": r.terminating,
+                    "ejected": r.ejected_until > now,
+                    "inflight": r.inflight,
+                    "source": r.state_source,
+                    "state_age_s": None if r.state is None else round(r.state.age(now), 3),
+                    "state": None
+                    if r.state is None
+                    else {
+                        "waiting": r.state.waiting,
+                        "running": r.state.running,
+                        "kv_usage": r.state.kv_usage,
+                        "kv_blocks_total": r.state.kv_blocks_total,
+                        "engine": r.state.engine,
+                    },
+                }
+                for r in reps.values()
+            ]
+        queues = {name: len(rt.queue) for name, rt in gateway.pools.items()}
+        return web.Response(
+            body=orjson.dumps({"pools": pools, "queues": queues}), content_type="application/json"
+        )
+
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", prom)
+    app.router.add_get("/debug/fleet", fleet_view)
+    return app
+
+
+async def _tick(fleet: Fleet) -> None:
+    while True:
+        await asyncio.sleep(TICK_S)
+        fleet.tick(time.time())
+
+
+async def apply_config(app: web.Application, cfg: Config) -> None:
+    """Apply a new valid config to a running gateway: pools, policies, endpoints, limits.
+
+    Listen address, Kubernetes mode and agents take effect on restart only.
+    """
+    gateway = app[GATEWAY]
+    old_pools = {p.name for p in gateway.cfg.pools}
+    gateway.configure(cfg)
+    await app[DISCOVERY].stop()
+    for name in old_pools - {p.name for p in cfg.pools}:
+        gateway.fleet.drop_pool(name)
+    discovery = Discovery(
+        cfg.pools,
+        gateway.fleet,
+        kubernetes=cfg.gateway.kubernetes,
+        services=cfg.gateway.services,
+        api_client=app[DISCOVERY].api_client if app[DISCOVERY].kubernetes else None,
+    )
+    app[DISCOVERY] = discovery
+    await discovery.start()
+
+
+async def start_gateway(
+    cfg: Config, *, host: str | None = None, port: int | None = None, kube_api_client: Any = None
+) -> tuple[web.AppRunner, str]:
+    """Start serving; returns the runner (call `cleanup()` to stop) and the base URL .../v1."""
+    lhost, lport = parse_listen(cfg.gateway.listen)
+    host = lhost if host is None else host
+    port = lport if port is None else port
+    app = build_app(cfg, kube_api_client=kube_api_client)
+    # handler_cancellation: a client that goes away cancels its handler, which closes upstream.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    bound = sock.getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return runner, f"http://{shown}:{bound}/v1"
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(
+    cfg: Config, *, host: str | None = None, port: int | None = None, kube_api_client: Any = None
+) -> AsyncIterator[str]:
+    """Serve the gateway in this event loop; yields its base URL (http://HOST:PORT/v1).
+
+    `port=0` picks a free port. This is the hook `kvpilot demo` and the tests use:
+
+        async with run_gateway(cfg, port=0) as base_url:
+            client = openai.AsyncOpenAI(base_url=base_url, api_key="none")
+    """
+    runner, url = await start_gateway(cfg, host=host, port=port, kube_api_client=kube_api_client)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()

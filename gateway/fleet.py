@@ -1,0 +1,324 @@
+"""The gateway's view of the fleet: which replicas exist, what state they are in, what it sent them.
+
+Three inputs meet here: discovery (static endpoints or EndpointSlices) says which replicas exist
+and which are terminating; agents' watch streams (or a direct scrape when no agent reports a
+replica) say what state each is in; and the gateway's own in-flight ledger says what it has sent
+each replica since that state was observed. `views()` turns them into the picker's `ReplicaView`s.
+
+Everything here is synchronous and cheap: the request path calls it per pick. The tasks that feed
+it (agent watches, scrapes) live in `StateFeeds` at the bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway import metrics
+from gateway.estimate import RequestFeatures
+from gateway.inflight import InFlightLedger
+from gateway.picker import RateSeed, ReplicaView
+from kvpilot.signals import ReplicaState
+
+log = logging.getLogger(__name__)
+
+
+def normalize_url(url: str) -> str:
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One replica as discovery sees it."""
+
+    replica_id: str
+    url: str
+    terminating: bool = False
+
+
+@dataclass
+class Replica:
+    """Mutable per-replica record; only the fleet changes it."""
+
+    replica_id: str
+    url: str
+    pool: str
+    terminating: bool = False
+    state: ReplicaState | None = None
+    state_source: str = ""  # "agent" or "scrape"
+    failures: int = 0  # consecutive failures before the first byte
+    ejected_until: float = 0.0
+    inflight: int = 0
+    started: set[str] = field(default_factory=set)
+
+
+class Fleet:
+    """Replicas per pool, their latest states and the in-flight ledger."""
+
+    def __init__(
+        self,
+        *,
+        eject_after: int = 3,
+        eject_for_s: float = 10.0,
+        stale_after_s: float = 5.0,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.pools: dict[str, dict[str, Replica]] = {}
+        self.by_address: dict[str, Replica] = {}
+        self.by_id: dict[str, Replica] = {}
+        self.ledger = InFlightLedger()
+        self.eject_after = eject_after
+        self.eject_for_s = eject_for_s
+        self.stale_after_s = stale_after_s
+        self.on_change = on_change
+        self.synced: set[str] = set()  # pools whose discovery has reported at least once
+        self.profiles: dict[str, RateSeed | None] = {}  # pool -> speed seed for its replicas
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    def set_endpoints(self, pool: str, endpoints: Iterable[Endpoint]) -> None:
+        """Replace a pool's replicas; known ones keep their state, failures and in-flight count."""
+        old = self.pools.get(pool, {})
+        new: dict[str, Replica] = {}
+        for ep in endpoints:
+            r = old.get(ep.replica_id)
+            if r is None:
+                r = Replica(ep.replica_id, normalize_url(ep.url), pool)
+            r.url = normalize_url(ep.url)
+            r.terminating = ep.terminating
+            new[ep.replica_id] = r
+        for rid, r in old.items():
+            if rid not in new:
+                self.by_address.pop(r.url, None)
+                self.by_id.pop(rid, None)
+                metrics.INFLIGHT.labels(pool, rid).set(0)
+        for r in new.values():
+            self.by_address[r.url] = r
+            self.by_id[r.replica_id] = r
+        self.pools[pool] = new
+        self.synced.add(pool)
+        self._publish_counts(pool, time.time())
+        self._changed(pool)
+
+    def drop_pool(self, pool: str) -> None:
+        self.set_endpoints(pool, ())
+        self.pools.pop(pool, None)
+        self.synced.discard(pool)
+
+    # ---- states ----------------------------------------------------------------------------
+
+    def observe_state(self, state: ReplicaState, source: str = "agent") -> bool:
+        """Take a replica state (from an agent or a scrape); False when it matches no replica."""
+        r = self.by_address.get(normalize_url(state.address)) or self.by_id.get(state.replica_id)
+        if r is None:
+            return False
+        if r.state is not None and state.observed_at < r.state.observed_at:
+            return True  # older than what we have (two agents, or a scrape racing an agent)
+        # An agent's state wins over a scrape until it goes stale.
+        if source == "scrape" and r.state_source == "agent" and not self._stale(r.state):
+            return True
+        r.state = state
+        r.state_source = source
+        self.ledger.observed(r.replica_id, state.observed_at)
+        self._changed(r.pool)
+        return True
+
+    def _stale(self, state: ReplicaState | None, now: float | None = None) -> bool:
+        if state is None:
+            return True
+        return state.age(time.time() if now is None else now) > self.stale_after_s
+
+    def needs_scrape(self, now: float) -> list[Replica]:
+        """Replicas no agent reports freshly: the scrape fallback reads these directly."""
+        return [
+            r
+            for reps in self.pools.values()
+            for r in reps.values()
+            if not r.terminating and (r.state_source != "agent" or self._stale(r.state, now))
+        ]
+
+    # ---- the picker's view -----------------------------------------------------------------
+
+    def views(
+        self, pool: str, now: float, exclude: frozenset[str] = frozenset()
+    ) -> list[ReplicaView]:
+        """Pickable replicas of a pool (terminating, ejected, unhealthy and excluded ones left out)."""
+        out: list[ReplicaView] = []
+        profile = self.profiles.get(pool)
+        for r in self.pools.get(pool, {}).values():
+            if r.terminating or r.ejected_until > now or r.replica_id in exclude:
+                continue
+            state = r.state
+            if state is not None:
+                if state.age(now) > self.stale_after_s:
+                    state = None  # too old to trust: route on in-flight counts alone
+                elif not state.healthy:
+                    continue  # its agent says it stopped answering
+            out.append(
+                ReplicaView(r.replica_id, state, self.ledger.get(r.replica_id), False, profile)
+            )
+        return out
+
+    def replica(self, replica_id: str) -> Replica | None:
+        return self.by_id.get(replica_id)
+
+    def known(self, pool: str) -> int:
+        return len(self.pools.get(pool, {}))
+
+    # ---- the request path ------------------------------------------------------------------
+
+    def start(self, replica_id: str, req: RequestFeatures, now: float) -> None:
+        r = self.by_id.get(replica_id)
+        block = r.state.kv_block_size if r is not None and r.state is not None else 16
+        self.ledger.start(replica_id, req, now, block_size=block or 16)
+        if r is not None:
+            r.inflight += 1
+            r.started.add(req.request_id)
+            metrics.INFLIGHT.labels(r.pool, replica_id).inc()
+
+    def first_token(self, replica_id: str, request_id: str, now: float) -> None:
+        self.ledger.first_token(replica_id, request_id, now)
+
+    def finish(self, replica_id: str, request_id: str, now: float) -> None:
+        self.ledger.finish(replica_id, request_id, now)
+        r = self.by_id.get(replica_id)
+        if r is not None and request_id in r.started:
+            r.started.discard(request_id)
+            r.inflight -= 1
+            metrics.INFLIGHT.labels(r.pool, replica_id).dec()
+            self._changed(r.pool)
+
+    def succeeded(self, replica_id: str) -> None:
+        r = self.by_id.get(replica_id)
+        if r is not None:
+            r.failures = 0
+
+    def failed(self, replica_id: str, now: float) -> bool:
+        """Count a failure before the first byte; True when it ejected the replica."""
+        r = self.by_id.get(replica_id)
+        if r is None:
+            return False
+        r.failures += 1
+        if r.failures >= self.eject_after and r.ejected_until <= now:
+            r.ejected_until = now + self.eject_for_s
+            r.failures = 0
+            metrics.EJECTIONS.labels(r.pool, replica_id).inc()
+            log.warning(
+                "ejected replica %s of pool %s for %.0fs", replica_id, r.pool, self.eject_for_s
+            )
+            self._publish_counts(r.pool, now)
+            return True
+        return False
+
+    def tick(self, now: float) -> None:
+        """Periodic: bring back replicas whose ejection ran out, refresh gauges, wake queues."""
+        for pool in self.pools:
+            self._publish_counts(pool, now)
+            self._changed(pool)
+
+    def _publish_counts(self, pool: str, now: float) -> None:
+        reps = self.pools.get(pool, {}).values()
+        terminating = sum(1 for r in reps if r.terminating)
+        ejected = sum(1 for r in reps if not r.terminating and r.ejected_until > now)
+        metrics.REPLICAS.labels(pool, "terminating").set(terminating)
+        metrics.REPLICAS.labels(pool, "ejected").set(ejected)
+        metrics.REPLICAS.labels(pool, "ready").set(len(reps) - terminating - ejected)
+
+    def _changed(self, pool: str) -> None:
+        if self.on_change is not None:
+            self.on_change(pool)
+
+
+# ---- feeds: agents' watch streams and the direct scrape ------------------------------------
+
+
+class StateFeeds:
+    """Background tasks that keep the fleet's states fresh."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        session: aiohttp.ClientSession,
+        agents: Sequence[str],
+        *,
+        scrape_interval_s: float = 0.5,
+        scrape_timeout_s: float = 1.0,
+        scrape: bool = True,
+        engines: dict[str, str] | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.session = session
+        self.agents = tuple(agents)
+        self.scrape_interval_s = scrape_interval_s
+        self.scrape_timeout_s = scrape_timeout_s
+        self.scrape = scrape
+        self.engines = engines or {}  # pool -> engine name for the metrics adapter
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for url in self.agents:
+            self._tasks.append(asyncio.create_task(self._watch_agent(url), name=f"agent {url}"))
+        if self.scrape:
+            self._tasks.append(asyncio.create_task(self._scrape_loop(), name="scrape"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+
+    async def _watch_agent(self, url: str) -> None:
+        try:
+            from agent.client import AgentWatchClient
+        except ImportError:
+            log.warning("agent.client is not available; not watching agent %s", url)
+            return
+        client = AgentWatchClient(url, self.session)
+        async for node in client:
+            for state in node.replicas:
+                self.fleet.observe_state(state, "agent")
+
+    async def _scrape_loop(self) -> None:
+        while True:
+            now = time.time()
+            due = self.fleet.needs_scrape(now)
+            if due:
+                await asyncio.gather(*(self._scrape_one(r) for r in due))
+            await asyncio.sleep(self.scrape_interval_s)
+
+    async def _scrape_one(self, r: Replica) -> None:
+        from agent.adapters import MetricsFormatError, read_metrics
+
+        timeout = aiohttp.ClientTimeout(total=self.scrape_timeout_s)
+        try:
+            async with self.session.get(f"{r.url}/metrics", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+            reading = read_metrics(text, self.engines.get(r.pool, "auto"))
+        except (aiohttp.ClientError, TimeoutError, MetricsFormatError, UnicodeDecodeError):
+            return  # no signal: the picker routes this replica on in-flight counts
+        state = ReplicaState(
+            replica_id=r.replica_id,
+            address=r.url,
+            pool=r.pool,
+            models=reading.models,
+            engine=reading.engine,
+            waiting=reading.waiting,
+            running=reading.running,
+            kv_usage=reading.kv_usage,
+            kv_blocks_total=reading.kv_blocks_total,
+            kv_block_size=reading.kv_block_size or 16,
+            preemptions_total=reading.preemptions_total,
+            lora_adapters=reading.lora_adapters,
+            observed_at=time.time(),
+        )
+        self.fleet.observe_state(state, "scrape")

@@ -1,0 +1,95 @@
+"""The gateway's Prometheus series: what users felt (TTFT, TPOT, end to end) measured where they felt it.
+
+Module-level collectors in the default registry, so several gateways in one test process share
+them; tests read deltas, never absolute values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Latency buckets from 5 ms (a cached short prompt on a fast GPU) to 2 min (a long generation).
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TPOT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+_PICK = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+
+REQUESTS = Counter(
+    "kvpilot_gateway_requests_total",
+    "Requests answered, by pool, model, replica ('' when none was picked) and HTTP status.",
+    ["pool", "model", "replica", "code"],
+)
+TTFT = Histogram(
+    "kvpilot_gateway_ttft_seconds",
+    "Time to first token as the gateway saw it (first streamed byte), by pool and model.",
+    ["pool", "model"],
+    buckets=_LATENCY,
+)
+TPOT = Histogram(
+    "kvpilot_gateway_tpot_seconds",
+    "Mean time per output token after the first, per streamed request.",
+    ["pool", "model"],
+    buckets=_TPOT,
+)
+E2E = Histogram(
+    "kvpilot_gateway_e2e_seconds",
+    "Time from the request's arrival to its last byte, queueing and retries included.",
+    ["pool", "model"],
+    buckets=_LATENCY,
+)
+PICK = Histogram(
+    "kvpilot_gateway_pick_seconds",
+    "Time the policy took to pick a replica (one call).",
+    ["pool", "policy"],
+    buckets=_PICK,
+)
+QUEUE_WAIT = Histogram(
+    "kvpilot_gateway_queue_wait_seconds",
+    "Time requests spent in the saturation queue before a replica was picked.",
+    ["pool"],
+    buckets=_LATENCY,
+)
+INFLIGHT = Gauge(
+    "kvpilot_gateway_inflight_requests",
+    "Requests sent to a replica and not finished, by pool and replica.",
+    ["pool", "replica"],
+)
+QUEUE_LENGTH = Gauge(
+    "kvpilot_gateway_queue_length",
+    "Requests waiting in the saturation queue, by pool.",
+    ["pool"],
+)
+SHED = Counter(
+    "kvpilot_gateway_shed_total",
+    "Requests refused with 429, by pool and reason (queue_full, evicted, queue_timeout).",
+    ["pool", "reason"],
+)
+RETRIES = Counter(
+    "kvpilot_gateway_retries_total",
+    "Requests sent again to another replica after a failure before the first byte, by reason.",
+    ["pool", "reason"],
+)
+RETRY_BUDGET_EXHAUSTED = Counter(
+    "kvpilot_gateway_retry_budget_exhausted_total",
+    "Failures that were not retried because the retry budget was spent.",
+    ["pool"],
+)
+DECISIONS = Counter(
+    "kvpilot_gateway_decisions_total",
+    "Picks by pool, policy and the reason the policy gave.",
+    ["pool", "policy", "reason"],
+)
+EJECTIONS = Counter(
+    "kvpilot_gateway_ejections_total",
+    "Replicas taken out of rotation after consecutive failures.",
+    ["pool", "replica"],
+)
+STREAM_ERRORS = Counter(
+    "kvpilot_gateway_stream_errors_total",
+    "Streams that failed after their first byte and were ended with an SSE error event.",
+    ["pool"],
+)
+REPLICAS = Gauge(
+    "kvpilot_gateway_replicas",
+    "Replicas known per pool, by status (ready, terminating, ejected).",
+    ["pool", "status"],
+)

@@ -1,0 +1,994 @@
+"""Which replica serves a request: every routing policy behind one interface, as pure code.
+
+No I/O, no asyncio, no wall clock: time comes in as `now`, so the gateway, the tests and the
+simulator run exactly this code. A pick is O(replicas) (plus O(log prefix blocks) per replica
+that holds the request's first prefix block).
+
+Policies (docs/routing.md says how each decides):
+- round-robin, random, least-request, power-of-two: the classic load balancers;
+- gie: the Gateway API Inference Extension endpoint picker's default profile;
+- cache-aware: the SGLang / vLLM router's cache-aware policy;
+- headroom: kvpilot's own, a predicted-cost minimiser over TTFT, decode harm and KV pressure.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.estimate import RequestFeatures
+from gateway.inflight import EMPTY, InFlight
+from gateway.prefix import DEFAULT_CAPACITY, PrefixIndex
+from kvpilot.signals import ReplicaState
+
+POLICY_NAMES = (
+    "round-robin",
+    "random",
+    "least-request",
+    "power-of-two",
+    "gie",
+    "cache-aware",
+    "headroom",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RateSeed:
+    """A replica's speed before anything was measured: from its GPU and model profile."""
+
+    prefill_tokens_per_s: float = 10_000.0
+    decode_step_s: float = 0.025  # one decode step with `typical_batch` sequences running
+    decode_step_base_s: float = 0.015  # one decode step with a single sequence
+    typical_batch: int = 32
+    chunk_tokens: int = 8192  # tokens per engine step (vLLM max_num_batched_tokens)
+    kv_blocks_total: int = 0  # 0: unknown (the state says)
+    block_size: int = 16
+
+    def decode_step(self, batch: float) -> float:
+        """Decode step time at `batch` sequences, linear through the two measured points."""
+        slope = (self.decode_step_s - self.decode_step_base_s) / max(1, self.typical_batch - 1)
+        return self.decode_step_base_s + slope * max(0.0, batch - 1)
+
+
+DEFAULT_SEED = RateSeed()
+
+
+def rate_seed_from_perf(
+    perf: Any,
+    *,
+    typical_batch: int = 32,
+    typical_context: int = 1024,
+    prefill_probe_tokens: int = 2048,
+    chunk_tokens: int = 8192,
+    block_size: int = 16,
+    gpu_memory_utilization: float = 0.9,
+) -> RateSeed:
+    """Build a RateSeed from a `modelserver.perf.PerfModel` (the roofline model of a GPU+model).
+
+    The prefill rate is a probe prompt's tokens over its step time; decode step times are for one
+    sequence and for `typical_batch` sequences at `typical_context` tokens each.
+    """
+    p = prefill_probe_tokens
+    prefill_s = perf.step_time(p, p, 0, 0)
+    base = perf.step_time(0, 0, 1, typical_context)
+    typical = perf.step_time(0, 0, typical_batch, typical_batch * typical_context)
+    kv_blocks = 0
+    try:
+        per_token = float(perf.kv_bytes_per_token())
+        if per_token > 0:
+            kv_blocks = int(perf.kv_cache_bytes(gpu_memory_utilization) // (per_token * block_size))
+    except (AttributeError, TypeError):
+        kv_blocks = 0
+    return RateSeed(
+        prefill_tokens_per_s=p / prefill_s if prefill_s > 0 else DEFAULT_SEED.prefill_tokens_per_s,
+        decode_step_s=typical,
+        decode_step_base_s=base,
+        typical_batch=typical_batch,
+        chunk_tokens=chunk_tokens,
+        kv_blocks_total=kv_blocks,
+        block_size=block_size,
+    )
+
+
+def rate_seed_for(model: str, gpu: str, num_gpus: int = 1, dtype: str = "bf16") -> RateSeed:
+    """The seed for a model on a GPU type (alias or GKE label), from modelserver's profiles."""
+    from modelserver.perf import PerfModel  # lazy: the gateway image need not load it otherwise
+    from modelserver.profiles import resolve_gpu, resolve_model
+
+    perf = PerfModel(
+        model=resolve_model(model), gpu=resolve_gpu(gpu), num_gpus=num_gpus, dtype=dtype
+    )
+    return rate_seed_from_perf(perf)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    replica_id: str
+    state: ReplicaState | None  # latest agent/scraped state; None when no signal at all
+    inflight: InFlight = EMPTY
+    ejected: bool = False  # consecutive failures / terminating: never picked
+    profile: RateSeed | None = None  # speed seed from modelserver.perf for its GPU and model
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    replica_id: str | None  # None: every replica saturated -> the caller queues (or sheds)
+    reason: str
+    scores: dict[str, float] | None = None  # with debug=True: each candidate's score or cost
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(
+        self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float
+    ) -> Decision: ...
+
+    def observe(
+        self,
+        replica_id: str,
+        req: RequestFeatures,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        now: float,
+    ) -> None: ...
+
+
+NO_REPLICAS = Decision(None, "no-replicas")
+
+
+def _usable(replicas: Sequence[ReplicaView]) -> list[ReplicaView]:
+    """Non-ejected replicas whose state does not say unhealthy; unhealthy ones only if nothing else."""
+    ok = [v for v in replicas if not v.ejected and (v.state is None or v.state.healthy)]
+    if ok:
+        return ok
+    return [v for v in replicas if not v.ejected]
+
+
+class _Baseline:
+    name = ""
+
+    def __init__(self, seed: int = 0, debug: bool = False) -> None:
+        self.rng = random.Random(seed)
+        self.debug = debug
+
+    def observe(
+        self,
+        replica_id: str,
+        req: RequestFeatures,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        now: float,
+    ) -> None:
+        return None
+
+    def forget(self, replica_id: str) -> None:
+        """The replica left the pool."""
+        return None
+
+
+class RoundRobin(_Baseline):
+    name = "round-robin"
+
+    def __init__(self, seed: int = 0, debug: bool = False) -> None:
+        super().__init__(seed, debug)
+        self._next = 0
+
+    def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = _usable(replicas)
+        if not cands:
+            return NO_REPLICAS
+        v = cands[self._next % len(cands)]
+        self._next += 1
+        return Decision(v.replica_id, "round-robin")
+
+
+class RandomPick(_Baseline):
+    name = "random"
+
+    def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = _usable(replicas)
+        if not cands:
+            return NO_REPLICAS
+        return Decision(self.rng.choice(cands).replica_id, "random")
+
+
+class LeastRequest(_Baseline):
+    """Fewest requests in flight from this gateway (Envoy LEAST_REQUEST over all hosts); ties random."""
+
+    name = "least-request"
+
+    def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = _usable(replicas)
+        if not cands:
+            return NO_REPLICAS
+        best = min(v.inflight.requests for v in cands)
+        ties = [v for v in cands if v.inflight.requests == best]
+        v = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+        return Decision(v.replica_id, "least-request")
+
+
+class PowerOfTwo(_Baseline):
+    """Sample two distinct replicas, keep the one with fewer requests in flight."""
+
+    name = "power-of-two"
+
+    def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = _usable(replicas)
+        if not cands:
+            return NO_REPLICAS
+        if len(cands) == 1:
+            return Decision(cands[0].replica_id, "power-of-two")
+        a, b = self.rng.sample(cands, 2)
+        v = b if b.inflight.requests < a.inflight.requests else a
+        scores = (
+            {a.replica_id: a.inflight.requests, b.replica_id: b.inflight.requests}
+            if self.debug
+            else None
+        )
+        return Decision(v.replica_id, "power-of-two", scores)
+
+
+class GieDefault(_Baseline):
+    """The Inference Gateway (GIE) endpoint picker's default scheduling profile.
+
+    Saturation filter (waiting >= 5 or KV usage >= 0.8), failing open to all replicas when every
+    one is saturated; then queue scorer x2 (waiting queue, min-max normalised: shortest 1, longest
+    0, all equal 1), KV-cache utilisation scorer x2 (1 - usage), prefix-cache scorer x3 (matched
+    leading 64-char blocks / the request's blocks, from an LRU index per server updated with every
+    pick); max-score picker with random tie-break (it shuffles, then takes the highest).
+    Only the replicas' scraped metrics are used: the GIE keeps no in-flight account.
+    """
+
+    name = "gie"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        debug: bool = False,
+        *,
+        queue_weight: float = 2.0,
+        kv_weight: float = 2.0,
+        prefix_weight: float = 3.0,
+        queue_threshold: int = 5,
+        kv_threshold: float = 0.8,
+        lru_capacity_per_server: int = DEFAULT_CAPACITY,
+    ) -> None:
+        super().__init__(seed, debug)
+        self.queue_weight = queue_weight
+        self.kv_weight = kv_weight
+        self.prefix_weight = prefix_weight
+        self.queue_threshold = queue_threshold
+        self.kv_threshold = kv_threshold
+        self.index = PrefixIndex(lru_capacity_per_server)
+
+    def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = _usable(replicas)
+        if not cands:
+            return NO_REPLICAS
+        qt, kt = self.queue_threshold, self.kv_threshold
+        ok = [
+            v for v in cands if v.state is None or (v.state.waiting < qt and v.state.kv_usage < kt)
+        ]
+        reason = "highest-score"
+        if not ok:
+            ok, reason = cands, "fail-open"
+        queues = [v.state.waiting if v.state is not None else 0 for v in ok]
+        qmin, qmax = min(queues), max(queues)
+        qspan = qmax - qmin
+        hashes = req.prefix_hashes
+        matches = self.index.match(hashes) if hashes else {}
+        total = len(hashes)
+        wq, wk, wp = self.queue_weight, self.kv_weight, self.prefix_weight
+        best: ReplicaView | None = None
+        best_score = -math.inf
+        ties = 0
+        scores: dict[str, float] | None = {} if self.debug else None
+        rng = self.rng
+        for v, q in zip(ok, queues, strict=True):
+            qs = 1.0 if qspan == 0 else (qmax - q) / qspan
+            ks = 1.0 - (v.state.kv_usage if v.state is not None else 0.0)
+            ps = matches.get(v.replica_id, 0) / total if total else 0.0
+            s = wq * qs + wk * ks + wp * ps
+            if scores is not None:
+                scores[v.replica_id] = s
+            if s > best_score + 1e-12:
+                best, best_score, ties = v, s, 1
+            elif s >= best_score - 1e-12:
+                ties += 1  # reservoir sampling: a uniform choice among equal scores
+                if rng.random() * ties < 1.0:
+                    best = v
+        assert best is not None
+        if hashes:
+            self.index.add(best.replica_id, hashes)
+        return Decision(best.replica_id, reason, scores)
+
+    def forget(self, replica_id: str) -> None:
+        self.index.remove(replica_id)
+
+
+class CacheAware(_Baseline):
+    """The SGLang router's cache-aware policy (also vLLM's router's).
+
+    When the load (requests in flight from the router) is imbalanced — max - min > 64 and
+    max > 1.5 x min — the least-loaded replica. Otherwise the replica whose approximate radix
+    tree (here: the block-hash index of what was routed to it) matches the longest prefix, if the
+    match covers more than 30 % of the prompt; else the replica with the smallest tree (the most
+    free cache). The chosen replica's tree gets the prompt either way. Never returns None.
+    """
+
+    name = "cache-aware"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        debug: bool = False,
+        *,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
+        cache_threshold: float = 0.3,
+        max_tree_chars: int = 2**26,
+        block_chars: int = 64,
+    ) -> None:
+        super().__init__(seed, debug)
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.cache_threshold = cache_threshold
+        self.index = PrefixIndex(max(1, max_tree_chars // block_chars))
+
+    def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = _usable(replicas)
+        if not cands:
+            return NO_REPLICAS
+        loads = [v.inflight.requests for v in cands]
+        lo, hi = min(loads), max(loads)
+        hashes = req.prefix_hashes
+        if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
+            v = cands[loads.index(lo)]
+            reason = "imbalanced"
+        else:
+            matches = self.index.match(hashes) if hashes else {}
+            v = None
+            if matches:
+                ids = {c.replica_id: c for c in cands}
+                # the longest match; among equal matches the less loaded holder
+                blocks, _, rid = max(
+                    ((n, -ids[r].inflight.requests, r) for r, n in matches.items() if r in ids),
+                    default=(0, 0, None),
+                )
+                rate = blocks * req.block_chars / req.prompt_chars if req.prompt_chars else 0.0
+                if rid is not None and rate > self.cache_threshold:
+                    v = ids[rid]
+            if v is not None:
+                reason = "prefix-affinity"
+            else:
+                size = self.index.size
+                v = min(cands, key=lambda c: (size(c.replica_id), c.inflight.requests))
+                reason = "smallest-tree"
+        if hashes:
+            self.index.add(v.replica_id, hashes)
+        return Decision(v.replica_id, reason)
+
+    def forget(self, replica_id: str) -> None:
+        self.index.remove(replica_id)
+
+
+class _Columns:
+    """headroom's per-replica entries as rows of one float array, for the vectorised pick.
+
+    Rows are slots (one per replica id); `by_view` maps id(view) -> slot for the view objects the
+    entries hold (held, so an id cannot be reused while it is a key).
+    """
+
+    def __init__(self, np: Any) -> None:
+        self.np = np
+        self.rows = np.zeros((64, _NUM_FIELDS))
+        self.slot: dict[str, int] = {}
+        self.free: list[int] = []
+        self.by_view: dict[int, int] = {}
+
+    def put(self, rid: str, e: tuple[Any, ...], old: tuple[Any, ...] | None) -> None:
+        if old is not None:
+            self.by_view.pop(id(old[0]), None)
+        s = self.slot.get(rid)
+        if s is None:
+            if self.free:
+                s = self.free.pop()
+            else:
+                s = len(self.slot)
+                if s >= len(self.rows):
+                    grown = self.np.zeros((2 * len(self.rows), _NUM_FIELDS))
+                    grown[: len(self.rows)] = self.rows
+                    self.rows = grown
+            self.slot[rid] = s
+        self.rows[s] = e[1 : _NUM_FIELDS + 1]
+        self.by_view[id(e[0])] = s
+
+    def drop(self, rid: str, old: tuple[Any, ...] | None) -> None:
+        if old is not None:
+            self.by_view.pop(id(old[0]), None)
+        s = self.slot.pop(rid, None)
+        if s is not None:
+            self.free.append(s)
+
+
+# the numeric fields of a headroom entry (all but the view itself); see Headroom._entry
+_NUM_FIELDS = 15
+
+
+class _Learned:
+    """What headroom has learned about one replica, and values derived from its latest state."""
+
+    __slots__ = (
+        "log_ttft",
+        "log_tpot",
+        "state",
+        "profile",
+        "derived",
+        "preempt_total",
+        "preempt_at",
+        "preempt_rate",
+        "uncached_frac",
+        "kv_frac",
+        "mean_uncached",
+    )
+
+    def __init__(self) -> None:
+        self.log_ttft = 0.0  # log of observed/predicted TTFT (EWMA): corrects the prefill rate
+        self.log_tpot = 0.0  # same for TPOT: corrects the decode step time
+        self.state: ReplicaState | None = None
+        self.profile: RateSeed | None = None
+        self.derived: tuple[float, ...] = ()
+        self.preempt_total: int | None = None
+        self.preempt_at = 0.0
+        self.preempt_rate = 0.0  # preemptions per second, EWMA over states
+        # of the prompts sent here, the share not in its cache (EWMA): the ledger counts whole
+        # prompts, the replica only prefills what it does not hold
+        self.uncached_frac = 1.0
+        self.kv_frac = 1.0  # the same for the KV blocks the ledger counts (prompt + output)
+        self.mean_uncached: float | None = None  # uncached prompt tokens per request sent here
+
+
+class Headroom(_Baseline):
+    """kvpilot's policy: drop what cannot fit, then the lowest predicted cost.
+
+    For each usable replica r and a request of p prompt and o expected output tokens:
+      X_r     = p - the prompt tokens r's cache likely holds (its prefix index: what was routed
+                there, LRU-bounded by r's KV cache): prefix affinity enters only here
+      fit     : (X_r + o) tokens of new KV fit in r's free blocks less the unacked requests' blocks
+      Q_r     = prefill tokens queued ahead: max(waiting x mean uncached prompt, drained at r's
+                rate for the state's age, + unacked prompt tokens; the ledger's own
+                not-yet-prefilled prompt tokens)
+      TTFT_r  = k_r (Q_r + X_r) (1/F_r + D_r(R_r) / chunk): prefill at F_r tokens/s plus one
+                decode step of the running batch per chunk (the decode-step interference)
+      harm_r  = w_harm R_r k_r X_r / F_r / (harm_tokens x TPOT target): the stall this prefill
+                puts on each of the R_r running streams, as a share of their TPOT budget (phase:
+                a prefill-heavy request on a decode-heavy replica costs the most)
+      tpot_r  = w_tpot k'_r D_r(R_r + 1) / TPOT target: its own decode speed there
+      kv_r    = w_kv (u - knee)^2 / (1 - u) with u the KV usage after admission (steep as u -> 1)
+                + w_preempt x recent preemptions per second
+      cost_r  = TTFT_r + TTFT target x (harm_r + tpot_r + kv_r)   (seconds of TTFT)
+    F_r, D_r come from r's RateSeed (its GPU profile; the default seed without one); k_r, k'_r
+    are learned online from observed vs predicted TTFT and TPOT: a log-EWMA per replica with
+    bounded steps, taken relative to the fleet-wide bias (which changes no ranking), and 1 inside
+    a deadband (load-dependent noise would otherwise steer traffic by recent luck); TTFTs
+    observed behind a long queue are not learned from. Unhealthy
+    replicas, with `max_queue` those with that many waiting, and with `max_wait_ratio` those
+    whose predicted wait behind their queue exceeds that share of the TTFT target, count as not
+    fitting (saturated). When no
+    replica fits the pick fails open to the lowest cost, or with `queue_when_saturated` returns
+    None so the gateway holds the request until capacity frees.
+    """
+
+    name = "headroom"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        debug: bool = False,
+        *,
+        slo_ttft_s: float = 1.0,
+        slo_ttft_per_token_s: float = 0.0002,
+        slo_tpot_s: float = 0.1,
+        w_harm: float = 1.0,
+        harm_tokens: float = 256.0,
+        w_tpot: float = 1.0,
+        tpot_power: float = 1.0,
+        w_kv: float = 1.0,
+        kv_knee: float = 0.85,
+        w_preempt: float = 0.1,
+        max_queue: int | None = None,
+        max_wait_ratio: float | None = None,
+        ledger_queue: bool = True,
+        queue_when_saturated: bool = False,
+        learn_rate: float = 0.1,
+        learn_rate_tpot: float | None = None,  # None: the same as learn_rate
+        learn_clip: float = 0.5,  # one observation moves log k toward at most +-this
+        learn_max_queue: float = 1.0,  # learn TTFT only when queued work <= this x own prefill
+        learn_relative: bool = True,  # corrections relative to the fleet-wide bias
+        learn_deadband: float = 0.3,  # |log k| below this is noise: k = 1
+        learn_bound: float = 1.5,  # |log k| <= this: k within [0.22, 4.5]
+        mean_prompt_tokens: float = 512.0,
+        default_seed: RateSeed = DEFAULT_SEED,
+        index_capacity: int = DEFAULT_CAPACITY,
+        max_pending: int = 100_000,
+        vector_min_replicas: int = 160,
+    ) -> None:
+        super().__init__(seed, debug)
+        self.slo_ttft_s = slo_ttft_s
+        self.slo_ttft_per_token_s = slo_ttft_per_token_s
+        self.slo_tpot_s = slo_tpot_s
+        self.w_harm = w_harm
+        self.harm_tokens = harm_tokens
+        self.w_tpot = w_tpot
+        self.tpot_power = tpot_power
+        self.w_kv = w_kv
+        self.kv_knee = kv_knee
+        self.w_preempt = w_preempt
+        self.max_queue = max_queue
+        self.max_wait_ratio = max_wait_ratio
+        self.ledger_queue = ledger_queue
+        self.queue_when_saturated = queue_when_saturated
+        self.learn_rate = learn_rate
+        self.learn_rate_tpot = learn_rate if learn_rate_tpot is None else learn_rate_tpot
+        self.learn_clip = learn_clip
+        self.learn_bound = learn_bound
+        self.mean_uncached = mean_prompt_tokens
+        self.default_seed = default_seed
+        self.index = PrefixIndex(index_capacity)
+        self.max_pending = max_pending
+        self._rep: dict[str, _Learned] = {}
+        # replica id -> per-view values (see _entry), rebuilt when the view object changes
+        self._entries: dict[str, tuple[Any, ...]] = {}
+        # large fleets: the same arithmetic over numpy arrays (when numpy is installed)
+        self.vector_min_replicas = vector_min_replicas
+        self._cols: _Columns | None = None
+        try:
+            import numpy
+
+            self._cols = _Columns(numpy)
+        except ImportError:  # the gateway image may not ship numpy: the plain loop does it all
+            self._cols = None
+        # request id -> (replica, predicted TTFT, predicted TPOT), for observe()
+        self._pending: dict[str, tuple[str, float, float]] = {}
+        self.learn_max_queue = learn_max_queue
+        self.learn_relative = learn_relative
+        self.learn_deadband = learn_deadband
+        self._glob = [0.0, 0.0]  # fleet-wide log-ratio of observed to predicted (TTFT, TPOT)
+        self._glob_used = (0.0, 0.0)  # the one the current entries were derived with
+        self._start = 0
+
+    # -- learning -----------------------------------------------------------------------------
+
+    def observe(
+        self,
+        replica_id: str,
+        req: RequestFeatures,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        now: float,
+    ) -> None:
+        pred = self._pending.pop(req.request_id, None)
+        if pred is None or pred[0] != replica_id:
+            return
+        lr = self._rep.get(replica_id)
+        if lr is None:
+            return
+        _, ttft_pred, tpot_pred = pred
+        b, c = self.learn_bound, self.learn_clip
+        if ttft_s is not None and ttft_s > 0 and ttft_pred > 1e-3:
+            # predictions were stored uncorrected: this log-ratio is the whole correction; one
+            # observation moves the estimate by at most learn_rate x learn_clip (an unlucky
+            # queue is not a trend)
+            x = math.log(ttft_s / ttft_pred)
+            a = self.learn_rate
+            lr.log_ttft += a * max(-c, min(c, x - lr.log_ttft))
+            lr.log_ttft = max(-b, min(b, lr.log_ttft))
+            self._glob[0] += a * max(-c, min(c, x - self._glob[0]))
+        if tpot_s is not None and tpot_s > 0 and tpot_pred > 1e-4:
+            x = math.log(tpot_s / tpot_pred)
+            a = self.learn_rate_tpot
+            lr.log_tpot += a * max(-c, min(c, x - lr.log_tpot))
+            lr.log_tpot = max(-b, min(b, lr.log_tpot))
+            self._glob[1] += a * max(-c, min(c, x - self._glob[1]))
+        if self.learn_relative and (
+            abs(self._glob[0] - self._glob_used[0]) > 0.05
+            or abs(self._glob[1] - self._glob_used[1]) > 0.05
+        ):
+            # the fleet-wide bias moved: every replica's correction is relative to it
+            self._glob_used = (self._glob[0], self._glob[1])
+            for other in list(self._entries):
+                self._drop_entry(other)
+            for other in self._rep.values():
+                other.derived = ()
+        lr.derived = ()  # the correction changed: re-derive at the next pick
+        self._drop_entry(replica_id)
+
+    def forget(self, replica_id: str) -> None:
+        self._rep.pop(replica_id, None)
+        self._drop_entry(replica_id)
+        self.index.remove(replica_id)
+
+    def correction(self, replica_id: str) -> tuple[float, float]:
+        """The learned (TTFT, TPOT) multipliers for `replica_id` (1.0 before any observation)."""
+        lr = self._rep.get(replica_id)
+        if lr is None:
+            return (1.0, 1.0)
+        return self._k(lr)
+
+    def _k(self, lr: _Learned) -> tuple[float, float]:
+        """The (TTFT, TPOT) multipliers applied to `lr`'s replica now."""
+        g = self._glob_used if self.learn_relative else (0.0, 0.0)
+        d = self.learn_deadband
+        out = []
+        for x in (lr.log_ttft - g[0], lr.log_tpot - g[1]):
+            # within the deadband the profile is trusted: the load-dependent noise in observed
+            # latencies would otherwise steer traffic by recent luck, with a lag
+            out.append(math.exp(x - d) if x > d else math.exp(x + d) if x < -d else 1.0)
+        return out[0], out[1]
+
+    # -- per-state derivation (once per new state, not per pick) --------------------------------
+
+    def _derive(self, lr: _Learned, v: ReplicaView, tpb: float) -> tuple[float, ...]:
+        st = v.state
+        seed = v.profile or self.default_seed
+        k, kd = self._k(lr)
+        if st is not None:
+            running = float(st.running)
+            waiting = float(st.waiting)
+            blocks = st.kv_blocks_total or seed.kv_blocks_total
+            bs = st.kv_block_size or seed.block_size
+            used = st.kv_usage * blocks
+            obs = st.observed_at
+            if lr.preempt_total is not None and st.observed_at > lr.preempt_at:
+                dt = st.observed_at - lr.preempt_at
+                rate = max(0, st.preemptions_total - lr.preempt_total) / dt
+                lr.preempt_rate = 0.7 * lr.preempt_rate + 0.3 * rate
+            lr.preempt_total, lr.preempt_at = st.preemptions_total, st.observed_at
+        else:
+            running = waiting = 0.0
+            blocks, bs, used, obs = seed.kv_blocks_total, seed.block_size, 0.0, 0.0
+        rate = seed.prefill_tokens_per_s
+        per_tok = k * (1.0 / rate + seed.decode_step(running) / seed.chunk_tokens)
+        # tokens/s the replica works off its queue since the state was read; a full cache blocks
+        # admission, so a queue behind it does not drain
+        usage = used / blocks if blocks else 0.0
+        drain = rate / k * min(1.0, max(0.0, (0.95 - usage) / 0.25))
+        queue0 = waiting * (lr.mean_uncached or self.mean_uncached)
+        harm = self.w_harm * k / rate / (self.harm_tokens * self.slo_tpot_s)
+        slope = (seed.decode_step_s - seed.decode_step_base_s) / max(1, seed.typical_batch - 1)
+        tpot0 = kd * seed.decode_step(running + 1)  # seconds per output token
+        tpot1 = kd * slope  # more per unacked request (it will join the batch)
+        pre = self.w_preempt * lr.preempt_rate
+        if blocks and tpb > 0:
+            # the prefix index should forget what the replica's cache can no longer hold
+            self.index.set_capacity(v.replica_id, blocks * bs / tpb)
+        return (
+            per_tok,
+            drain,
+            queue0,
+            obs,
+            harm,
+            running,
+            tpot0,
+            tpot1,
+            float(blocks),
+            float(bs),
+            used,
+            pre,
+        )
+
+    def _entry(self, v: ReplicaView, lr: _Learned, tpb: float) -> tuple[Any, ...]:
+        """Everything about `v` a pick needs that depends on neither the request nor the time.
+
+        Costs are compared in seconds of TTFT: the other terms are in SLO units, multiplied by
+        the request's TTFT target (the same for every replica, so the ranking is unchanged).
+        """
+        st = v.state
+        if lr.state is not st or lr.profile is not v.profile or not lr.derived:
+            lr.state, lr.profile = st, v.profile
+            lr.derived = self._derive(lr, v, tpb)
+        (per_tok, drain, queue0, obs, harm, running, tpot0, tpot1, blocks, bs, used, pre) = (
+            lr.derived
+        )
+        inf = v.inflight
+        ok = not v.ejected and (st is None or st.healthy)
+        if ok and self.max_queue is not None:
+            ok = (st.waiting if st else 0) + inf.unacked < self.max_queue
+        frac = lr.uncached_frac
+        unacked_tokens = inf.prompt_tokens * frac
+        ledger_tokens = inf.prefill_tokens * frac if self.ledger_queue else 0.0
+        if queue0 > 0.0:
+            # queued prefill tokens at `now`: max(max(0, qd - now x drain) + unacked, ledger)
+            qd = queue0 + obs * drain
+        else:  # nothing to drain: the queue is a constant, folded so the hot loop skips the rest
+            qd, drain = max(unacked_tokens, ledger_tokens), 0.0
+            unacked_tokens = ledger_tokens = 0.0
+        tpot = tpot0 + tpot1 * inf.unacked
+        held = used + inf.kv_blocks * lr.kv_frac
+        if v.ejected:  # never fits: the hot loop drops it at the KV check
+            knee_tokens = room_tokens = -math.inf
+        elif blocks > 0.0:
+            knee_tokens = (self.kv_knee * blocks - held) * bs  # more new tokens: KV pressure
+            room_tokens = (blocks - held) * bs  # more new tokens: does not fit
+        else:
+            knee_tokens = room_tokens = math.inf
+        return (
+            v,
+            v.ejected,
+            qd,
+            drain,
+            per_tok,
+            unacked_tokens,
+            harm * (running + inf.unacked),
+            self.w_tpot * (tpot / self.slo_tpot_s) ** self.tpot_power + pre,
+            knee_tokens,
+            room_tokens,
+            held,
+            1.0 / blocks if blocks > 0.0 else 0.0,
+            1.0 / bs,
+            ok and not v.ejected,
+            tpot,
+            ledger_tokens,
+            st,  # 16-18: what the entry was built from, to reuse it for an equal new view
+            inf,
+            v.profile,
+        )
+
+    def _refresh(self, v: ReplicaView, tpb: float) -> tuple[Any, ...]:
+        rid = v.replica_id
+        lr = self._rep.get(rid)
+        if lr is None:
+            lr = self._rep[rid] = _Learned()
+            # a newcomer is assumed as far off its profile as the fleet is, until observed
+            lr.log_ttft, lr.log_tpot = self._glob[0], self._glob[1]
+        old = self._entries.get(rid)
+        if (
+            old is not None
+            and old[16] is v.state
+            and old[17] is v.inflight
+            and old[18] is v.profile
+            and old[1] == v.ejected
+        ):
+            # a new view object of the same things (callers that rebuild views every pick)
+            e = self._entries[rid] = (v, *old[1:])
+        else:
+            e = self._entries[rid] = self._entry(v, lr, tpb)
+        if self._cols is not None:
+            self._cols.put(rid, e, old)
+        return e
+
+    def _drop_entry(self, rid: str) -> None:
+        old = self._entries.pop(rid, None)
+        if self._cols is not None:
+            self._cols.drop(rid, old)
+
+    def _scan(
+        self,
+        order: Sequence[ReplicaView],
+        p: float,
+        o: float,
+        tpb: float,
+        matches: dict[str, int] | None,
+        now: float,
+        target: float,
+    ) -> tuple[tuple[Any, ...] | None, float]:
+        """The lowest-cost replica that fits, and its uncached prompt tokens (None if none fits)."""
+        cache = self._entries
+        w_kv, knee = self.w_kv * target, self.kv_knee
+        limit = self._wait_limit(target)
+        best = None
+        best_cost = math.inf
+        best_x = p
+        po = p + o
+        mget = matches.get if matches else None
+        cache_get = cache.get
+        # the hot loop: a few operations per replica (bench/picker.py); an ejected replica's
+        # entry never fits, so the KV check drops it
+        for v in order:
+            rid = v.replica_id
+            e = cache_get(rid)
+            if e is None or e[0] is not v:
+                e = self._refresh(v, tpb)
+            x, xo = p, po
+            if mget is not None:
+                m = mget(rid)
+                if m:  # its cache likely holds m blocks of the prompt
+                    x = p - m * tpb
+                    if x < 0.0:
+                        x = 0.0
+                    xo = x + o
+            if e[3]:
+                q = e[2] - now * e[3]  # queued prefill: what the state said, drained since
+                q = (q if q > 0.0 else 0.0) + e[5]  # plus what was sent since
+                if q < e[15]:
+                    q = e[15]  # the ledger knows at least this much prefill is unfinished
+            else:
+                q = e[2]
+            cost = (q + x) * e[4] + target * (x * e[6] + e[7])
+            if xo > e[8]:  # past the knee of the KV cache (rare): pressure, and maybe no fit
+                if xo > e[9]:
+                    continue
+                u = (e[10] + xo * e[12]) * e[11]
+                cost += w_kv * (u - knee) ** 2 / (1.0 - u if u < 0.999 else 1e-3)
+            if cost < best_cost and e[13] and q * e[4] <= limit:
+                best, best_cost, best_x = e, cost, x
+        return best, best_x
+
+    def _scan_vector(
+        self,
+        order: Sequence[ReplicaView],
+        p: float,
+        o: float,
+        tpb: float,
+        matches: dict[str, int] | None,
+        now: float,
+        target: float,
+    ) -> tuple[tuple[Any, ...] | None, float]:
+        """`_scan` over numpy arrays: the same arithmetic, for large fleets."""
+        cols = self._cols
+        assert cols is not None
+        np = cols.np
+        vget = cols.by_view.get
+        slots = [vget(id(v), -1) for v in order]
+        i = -1
+        while True:  # views not seen before (or changed since): rebuild their entries
+            try:
+                i = slots.index(-1, i + 1)  # a C-speed scan: usually only a few are new
+            except ValueError:
+                break
+            v = order[i]
+            self._refresh(v, tpb)
+            slots[i] = cols.slot[v.replica_id]
+        idx = np.array(slots, dtype=np.intp)
+        rows = cols.rows
+        if matches:
+            xs = np.full(len(rows), p)
+            for rid, m in matches.items():
+                s = cols.slot.get(rid)
+                if s is not None:
+                    xs[s] = max(0.0, p - m * tpb)
+            x = xs[idx]
+        else:
+            x = np.full(len(idx), p)
+        g = rows[idx]  # one row per offered replica: the entry's fields 1..15
+        q = np.maximum(g[:, 1] - now * g[:, 2], 0.0) + g[:, 4]
+        q = np.maximum(q, g[:, 14])
+        cost = (q + x) * g[:, 3] + target * (x * g[:, 5] + g[:, 6])
+        xo = x + o
+        over = xo > g[:, 7]
+        if over.any():
+            u = (g[:, 9] + xo * g[:, 11]) * g[:, 10]
+            den = np.where(u < 0.999, 1.0 - u, 1e-3)
+            kv = self.w_kv * target * (u - self.kv_knee) ** 2 / den
+            cost = np.where(over, cost + kv, cost)
+        ok = (g[:, 0] == 0.0) & (g[:, 12] != 0.0) & (xo <= g[:, 8])
+        limit = self._wait_limit(target)
+        if limit < math.inf:
+            ok &= q * g[:, 3] <= limit
+        cost = np.where(ok, cost, np.inf)
+        i = int(np.argmin(cost))
+        if not math.isfinite(cost[i]):
+            return None, p
+        return self._entries[order[i].replica_id], float(x[i])
+
+    def _wait_limit(self, target: float) -> float:
+        """The longest predicted wait behind a replica's queue before it counts as saturated."""
+        r = self.max_wait_ratio
+        return math.inf if r is None else r * target
+
+    def _cost(
+        self, e: tuple[Any, ...], x: float, o: float, now: float, target: float
+    ) -> tuple[float, bool]:
+        """Entry `e`'s cost for a request with `x` uncached prompt tokens, and whether it fits
+        (the hot loop of `pick`, spelled out)."""
+        q = max(max(0.0, e[2] - now * e[3]) + e[5], e[15])
+        cost = (q + x) * e[4] + target * (x * e[6] + e[7])
+        xo = x + o
+        fits = bool(e[13]) and xo <= e[9] and q * e[4] <= self._wait_limit(target)
+        if xo > e[8]:
+            u = (e[10] + xo * e[12]) * e[11]
+            cost += self.w_kv * target * (u - self.kv_knee) ** 2 / max(1e-3, 1.0 - u)
+        return cost, fits
+
+    # -- the pick -------------------------------------------------------------------------------
+
+    def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        n = len(replicas)
+        if n == 0:
+            return NO_REPLICAS
+        p = float(req.prompt_tokens)
+        o = float(req.expected_output_tokens)
+        tpb = req.tokens_per_block
+        hashes = req.prefix_hashes
+        matches = self.index.match(hashes) if hashes else None
+        target = self.slo_ttft_s + self.slo_ttft_per_token_s * p
+        cache = self._entries
+        start = self._start % n
+        self._start += 1
+        order = replicas[start:] + replicas[:start] if start else replicas  # fair ties
+        if self._cols is not None and n >= self.vector_min_replicas:
+            best, best_x = self._scan_vector(order, p, o, tpb, matches, now, target)
+        else:
+            best, best_x = self._scan(order, p, o, tpb, matches, now, target)
+        scores: dict[str, float] | None = None
+        costs: list[tuple[float, float, tuple[Any, ...]]] = []
+        if best is None or self.debug:
+            # nothing fits (or debugging): every replica's cost with its real uncached prompt
+            for v in order:
+                e = cache[v.replica_id]
+                if not e[1]:
+                    m = matches.get(v.replica_id, 0) if matches else 0
+                    x = max(0.0, p - m * tpb)
+                    costs.append((self._cost(e, x, o, now, target)[0], x, e))
+            if self.debug:
+                scores = {e[0].replica_id: c for c, _, e in costs}
+        if best is not None:
+            reason = "prefix-affinity" if best_x < p else "lowest-cost"
+        elif not costs:
+            return NO_REPLICAS
+        elif self.queue_when_saturated:
+            return Decision(None, "saturated", scores)
+        else:
+            _, best_x, best = min(costs, key=lambda c: c[0])
+            reason = "fail-open"
+        rid = best[0].replica_id
+        q = max(max(0.0, best[2] - now * best[3]) + best[5], best[15])
+        ttft = (q + best_x) * best[4]
+        self._record(req, rid, best_x, ttft, best[14], q <= best_x * self.learn_max_queue)
+        return Decision(rid, reason, scores)
+
+    def _record(
+        self,
+        req: RequestFeatures,
+        rid: str,
+        uncached: float,
+        ttft: float,
+        tpot: float,
+        learn_ttft: bool,
+    ) -> None:
+        # the mean uncached prompt stands in for the unknown prompts of the waiting requests
+        self.mean_uncached += 0.05 * (uncached - self.mean_uncached)
+        lr = self._rep[rid]
+        lr.mean_uncached = uncached if lr.mean_uncached is None else lr.mean_uncached
+        lr.mean_uncached += 0.1 * (uncached - lr.mean_uncached)
+        if req.prompt_tokens > 0:
+            lr.uncached_frac += 0.1 * (uncached / req.prompt_tokens - lr.uncached_frac)
+            whole = req.prompt_tokens + req.expected_output_tokens
+            lr.kv_frac += 0.1 * ((uncached + req.expected_output_tokens) / whole - lr.kv_frac)
+        if req.prefix_hashes:
+            self.index.add(rid, req.prefix_hashes)
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            del pending[next(iter(pending))]  # the oldest prediction never got an observation
+        k, kd = self._k(self._rep[rid])
+        # predictions without the learned correction, so observe() learns the model's own error
+        # (a TTFT behind a long queue says more about the queue's luck than the replica's speed:
+        # those are not learned from)
+        pending[req.request_id] = (
+            rid,
+            ttft / k if learn_ttft else 0.0,
+            tpot / kd,
+        )
+
+
+_POLICIES: dict[str, type] = {
+    "round-robin": RoundRobin,
+    "random": RandomPick,
+    "least-request": LeastRequest,
+    "power-of-two": PowerOfTwo,
+    "gie": GieDefault,
+    "cache-aware": CacheAware,
+    "headroom": Headroom,
+}
+
+
+def make_policy(name: str, seed: int = 0, **options: Any) -> Policy:
+    """A fresh policy by name; `options` are its keyword settings (e.g. headroom's weights)."""
+    cls = _POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown routing policy {name!r}; expected one of {list(POLICY_NAMES)}")
+    return cls(seed, **options)  # type: ignore[no-any-return]

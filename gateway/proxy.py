@@ -1,0 +1,594 @@
+"""The request path: validate, pick (or queue), forward, relay, retry, account.
+
+One `Gateway` per process holds the shared upstream ClientSession, the fleet view, one policy and
+one saturation queue per pool, and the request-feature estimator. The body is parsed once (orjson)
+for what the picker needs and forwarded as the client sent it, byte for byte.
+
+Failure rules: anything that goes wrong before the client has received a byte (refused or reset
+connection, timeout, 502/503/504 from the replica, a stream that breaks before its first chunk) is
+retried on another replica, bounded by `max_retries` and a retry budget; after the first streamed
+byte the stream is ended with an SSE error event, so the client sees a well-formed failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import errors, metrics
+from gateway.errors import GatewayError
+from gateway.estimate import Estimator, RequestFeatures, prompt_text
+from gateway.fleet import Fleet
+from gateway.picker import Decision, Policy, RateSeed, make_policy, rate_seed_for
+from gateway.queue import PoolQueue
+from kvpilot.config import Config, GatewayConfig, PoolConfig
+
+log = logging.getLogger(__name__)
+
+# RFC 7230 hop-by-hop headers, plus those aiohttp sets itself for the new connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+PRIORITY_HEADER = "x-kvpilot-priority"
+RETRIABLE_STATUS = frozenset({502, 503, 504})
+
+
+class UpstreamFailed(Exception):
+    """A failure before the client received anything: safe to send the request elsewhere."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class RetryBudget:
+    """Retries may add at most `ratio` of the request rate plus `min_per_s` (Finagle/Envoy style),
+    so a sick fleet is not buried under a retry storm."""
+
+    def __init__(self, ratio: float, min_per_s: float) -> None:
+        self.ratio = ratio
+        self.min_per_s = min_per_s
+        self.cap = max(10.0, min_per_s * 10)
+        self.tokens = self.cap
+        self.last = time.monotonic()
+
+    def on_request(self) -> None:
+        self.tokens = min(self.cap, self.tokens + self.ratio)
+
+    def try_spend(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.cap, self.tokens + (now - self.last) * self.min_per_s)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class PoolRuntime:
+    config: PoolConfig
+    policy_name: str
+    policy: Policy
+    queue: PoolQueue
+    budget: RetryBudget
+
+
+@dataclass
+class _Outcome:
+    status: int
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    usage: Mapping[str, Any] | None = None
+
+
+class Gateway:
+    def __init__(self, cfg: Config, fleet: Fleet, estimator: Estimator | None = None) -> None:
+        self.fleet = fleet
+        self.estimator = estimator or Estimator()
+        self.session: aiohttp.ClientSession | None = None
+        self.pools: dict[str, PoolRuntime] = {}
+        self.model_pool: dict[str, str] = {}
+        self.cfg = cfg
+        self.gw: GatewayConfig = cfg.gateway
+        self.configure(cfg)
+
+    # ---- configuration -----------------------------------------------------------------------
+
+    def configure(self, cfg: Config) -> None:
+        """Apply a (new) config: pools, policies, queues; kept runtimes keep their learned state."""
+        self.cfg = cfg
+        self.gw = cfg.gateway
+        old = self.pools
+        self.pools = {}
+        for i, pool in enumerate(cfg.pools):
+            name = pool.policy or cfg.gateway.policy
+            prev = old.get(pool.name)
+            if prev is not None and prev.policy_name == name:
+                prev.config = pool
+                prev.queue.size = cfg.gateway.queue_size
+                prev.queue.timeout_s = cfg.gateway.queue_timeout_s
+                self.pools[pool.name] = prev
+                continue
+            options = {"queue_when_saturated": True} if name == "headroom" else {}
+            if name == "headroom" and not cfg.gateway.queue_when_saturated:
+                options = {}
+            rt = PoolRuntime(
+                pool,
+                name,
+                make_policy(name, seed=i, **options),
+                None,  # type: ignore[arg-type]  # set just below: the queue's pick needs rt
+                RetryBudget(cfg.gateway.retry_budget_ratio, cfg.gateway.retry_budget_min_per_s),
+            )
+            rt.queue = PoolQueue(
+                pool.name,
+                lambda req, exclude, rt=rt: self._pick(rt, req, exclude),
+                self._release,
+                size=cfg.gateway.queue_size,
+                timeout_s=cfg.gateway.queue_timeout_s,
+            )
+            self.pools[pool.name] = rt
+        self.fleet.profiles = {p.name: pool_profile(p) for p in cfg.pools}
+        self.model_pool = {}
+        for pool in cfg.pools:
+            for m in pool.models:
+                self.model_pool.setdefault(m, pool.name)
+
+    def models(self) -> list[str]:
+        return list(self.model_pool)
+
+    def wake(self, pool: str) -> None:
+        """Capacity may have changed in a pool: let its queue try again."""
+        rt = self.pools.get(pool)
+        if rt is not None and len(rt.queue):
+            rt.queue.drain()
+
+    # ---- picking -----------------------------------------------------------------------------
+
+    def _pick(self, rt: PoolRuntime, req: RequestFeatures, exclude: frozenset[str]) -> Decision:
+        """Pick and reserve in one synchronous step (see gateway/queue.py for why)."""
+        now = time.time()
+        views = self.fleet.views(rt.config.name, now, exclude)
+        if not views:
+            return Decision(None, "no-replicas")
+        t0 = time.perf_counter()
+        d = rt.policy.pick(req, views, now)
+        metrics.PICK.labels(rt.config.name, rt.policy_name).observe(time.perf_counter() - t0)
+        metrics.DECISIONS.labels(rt.config.name, rt.policy_name, d.reason).inc()
+        if d.replica_id is not None:
+            self.fleet.start(d.replica_id, req, now)
+        return d
+
+    def _release(self, req: RequestFeatures, d: Decision) -> None:
+        if d.replica_id is not None:
+            self.fleet.finish(d.replica_id, req.request_id, time.time())
+
+    # ---- the request handlers ----------------------------------------------------------------
+
+    async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        """POST /v1/completions or /v1/chat/completions."""
+        t0 = time.monotonic()
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        pool_name = model = ""
+        try:
+            self.check_auth(request)
+            raw = await self._read_body(request)
+            body = parse_body(raw, endpoint)
+            model = body["model"]
+            pool_name = self.model_pool.get(model, "")
+            rt = self.pools.get(pool_name)
+            if rt is None:
+                raise errors.unknown_model(model)
+            priority = self._priority(request, model)
+            max_tokens = body.get("max_tokens")
+            if max_tokens is None:
+                max_tokens = body.get("max_completion_tokens")
+            try:
+                text = prompt_text(body)
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
+                raise errors.bad_request(f"cannot read the prompt: {e}", "messages") from None
+            req = self.estimator.features(rid, model, text, max_tokens, priority)
+        except GatewayError as e:
+            metrics.REQUESTS.labels(pool_name, model, "", str(e.status)).inc()
+            return e.response(rid)
+        stream = body.get("stream") is True
+        rt.budget.on_request()
+        replica = ""
+        try:
+            resp, replica = await self._route(request, rt, req, raw, endpoint, stream, rid)
+        except GatewayError as e:
+            metrics.REQUESTS.labels(pool_name, model, replica, str(e.status)).inc()
+            return e.response(rid)
+        metrics.E2E.labels(pool_name, model).observe(time.monotonic() - t0)
+        return resp
+
+    async def _route(
+        self,
+        request: web.Request,
+        rt: PoolRuntime,
+        req: RequestFeatures,
+        raw: bytes,
+        endpoint: str,
+        stream: bool,
+        rid: str,
+    ) -> tuple[web.StreamResponse, str]:
+        pool = rt.config.name
+        headers = upstream_headers(request.headers, rid, strip_auth=bool(self.gw.api_keys))
+        tried: frozenset[str] = frozenset()
+        attempt = 0
+        while True:
+            d = await rt.queue.acquire(req, tried)
+            replica_id = d.replica_id
+            assert replica_id is not None
+            replica = self.fleet.replica(replica_id)
+            started = time.time()
+            try:
+                if replica is None:
+                    raise UpstreamFailed("gone", f"replica {replica_id} left the pool")
+                url = f"{replica.url}/v1/{endpoint}"
+                if stream:
+                    resp, out = await self._relay_stream(
+                        request, url, raw, headers, rt, req, replica_id
+                    )
+                else:
+                    resp, out = await self._forward(
+                        url, raw, headers, rid, req.request_id, replica_id
+                    )
+            except UpstreamFailed as e:
+                now = time.time()
+                self.fleet.finish(replica_id, req.request_id, now)
+                self.fleet.failed(replica_id, now)
+                tried = tried | {replica_id}
+                attempt += 1
+                log.info("request %s failed on %s before the first byte: %s", rid, replica_id, e)
+                if attempt > self.gw.max_retries or not self.fleet.views(pool, now, tried):
+                    raise errors.upstream_failed(
+                        f"no replica of pool {pool!r} answered ({attempt} tried; last: {e})"
+                    ) from None
+                if not rt.budget.try_spend():
+                    metrics.RETRY_BUDGET_EXHAUSTED.labels(pool).inc()
+                    raise errors.upstream_failed(
+                        f"replica {replica_id} failed ({e}) and the retry budget is spent"
+                    ) from None
+                metrics.RETRIES.labels(pool, e.reason).inc()
+                continue
+            except BaseException:
+                # The client went away (cancellation) or the stream broke after its first byte.
+                self.fleet.finish(replica_id, req.request_id, time.time())
+                raise
+            now = time.time()
+            self.fleet.finish(replica_id, req.request_id, now)
+            self.fleet.succeeded(replica_id)
+            self._learn(rt, replica_id, req, out, started, now)
+            metrics.REQUESTS.labels(pool, req.model, replica_id, str(out.status)).inc()
+            return resp, replica_id
+
+    def _learn(
+        self,
+        rt: PoolRuntime,
+        replica_id: str,
+        req: RequestFeatures,
+        out: _Outcome,
+        t0: float,
+        now: float,
+    ) -> None:
+        pool, model = rt.config.name, req.model
+        if out.ttft_s is not None:
+            metrics.TTFT.labels(pool, model).observe(out.ttft_s)
+        if out.tpot_s is not None:
+            metrics.TPOT.labels(pool, model).observe(out.tpot_s)
+        if out.status != 200:
+            return
+        usage = out.usage
+        if usage:
+            pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(pt, int) and isinstance(ct, int):
+                self.estimator.observe_usage(model, req.prompt_chars, pt, ct)
+        rt.policy.observe(replica_id, req, out.ttft_s, out.tpot_s, now)
+
+    # ---- forwarding ---------------------------------------------------------------------------
+
+    async def _open(
+        self, url: str, raw: bytes, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        try:
+            async with asyncio.timeout(self.gw.first_byte_timeout_s):
+                resp = await self.session.post(url, data=raw, headers=headers)
+        except TimeoutError:
+            raise UpstreamFailed("timeout", "no response headers in time") from None
+        except aiohttp.ClientConnectorError as e:
+            raise UpstreamFailed("connect", str(e)) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamFailed("connection", repr(e)) from None
+        if resp.status in RETRIABLE_STATUS:
+            resp.close()
+            raise UpstreamFailed(f"status_{resp.status}", f"HTTP {resp.status}")
+        return resp
+
+    async def _forward(
+        self,
+        url: str,
+        raw: bytes,
+        headers: Mapping[str, str],
+        rid: str,
+        request_id: str,
+        replica_id: str,
+    ) -> tuple[web.Response, _Outcome]:
+        resp = await self._open(url, raw, headers)
+        try:
+            try:
+                async with asyncio.timeout(self.gw.idle_timeout_s):
+                    data = await resp.read()
+            except TimeoutError:
+                raise UpstreamFailed("idle_timeout", "body stalled") from None
+            except (aiohttp.ClientError, OSError) as e:
+                raise UpstreamFailed("body", repr(e)) from None
+        finally:
+            resp.release()
+        usage = None
+        if resp.status == 200:
+            try:
+                parsed = orjson.loads(data)
+                usage = parsed.get("usage") if isinstance(parsed, dict) else None
+            except orjson.JSONDecodeError:
+                usage = None
+        out = web.Response(status=resp.status, body=data, headers=downstream_headers(resp, rid))
+        return out, _Outcome(resp.status, usage=usage if isinstance(usage, dict) else None)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        url: str,
+        raw: bytes,
+        headers: Mapping[str, str],
+        rt: PoolRuntime,
+        req: RequestFeatures,
+        replica_id: str,
+    ) -> tuple[web.StreamResponse, _Outcome]:
+        t_sent = time.monotonic()
+        resp = await self._open(url, raw, headers)
+        rid = headers["x-request-id"]
+        try:
+            if resp.status != 200:  # an error answer (4xx): pass it on whole, it is small
+                try:
+                    async with asyncio.timeout(self.gw.idle_timeout_s):
+                        data = await resp.read()
+                except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                    raise UpstreamFailed("body", repr(e)) from None
+                out = web.Response(
+                    status=resp.status, body=data, headers=downstream_headers(resp, rid)
+                )
+                return out, _Outcome(resp.status)
+            chunks = resp.content.iter_any()
+            # Wait for the first chunk before answering the client: until then we may retry.
+            try:
+                async with asyncio.timeout(self.gw.first_byte_timeout_s):
+                    first = await anext(chunks)
+            except StopAsyncIteration:
+                raise UpstreamFailed("empty", "stream ended before its first byte") from None
+            except TimeoutError:
+                raise UpstreamFailed("timeout", "no first byte in time") from None
+            except (aiohttp.ClientError, OSError) as e:
+                raise UpstreamFailed("body", repr(e)) from None
+            t_first = time.monotonic()
+            self.fleet.first_token(replica_id, req.request_id, time.time())
+            client = web.StreamResponse(status=200, headers=downstream_headers(resp, rid))
+            try:
+                return await self._pump(
+                    request, client, chunks, first, rt, replica_id, t_sent, t_first
+                )
+            except ConnectionResetError:  # the client went away: stop reading upstream
+                return client, _Outcome(499, t_first - t_sent)
+        finally:
+            resp.close()  # drops the upstream connection if we stop early: the server aborts
+
+    async def _pump(
+        self,
+        request: web.Request,
+        client: web.StreamResponse,
+        chunks: Any,
+        first: bytes,
+        rt: PoolRuntime,
+        replica_id: str,
+        t_sent: float,
+        t_first: float,
+    ) -> tuple[web.StreamResponse, _Outcome]:
+        """Relay the stream chunk by chunk; a break ends it with an SSE error event."""
+        rid = client.headers.get("x-request-id", "")
+        await client.prepare(request)
+        await client.write(first)
+        events = first.count(b"data: ")
+        usage = _sse_usage(first)
+        t_last = t_first
+        while True:
+            try:
+                async with asyncio.timeout(self.gw.idle_timeout_s):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                metrics.STREAM_ERRORS.labels(rt.config.name).inc()
+                log.warning("stream %s from %s broke after its first byte: %r", rid, replica_id, e)
+                await client.write(
+                    errors.sse_error_event(
+                        f"the model server failed mid-stream: {type(e).__name__}"
+                    )
+                )
+                await client.write_eof()
+                self.fleet.failed(replica_id, time.time())
+                return client, _Outcome(200, t_first - t_sent, None, None)
+            t_last = time.monotonic()
+            await client.write(chunk)
+            events += chunk.count(b"data: ")
+            if b'"usage":{' in chunk:
+                usage = _sse_usage(chunk) or usage
+        await client.write_eof()
+        tokens = max(0, events - 2)  # minus the first token's event and [DONE]
+        tpot = (t_last - t_first) / tokens if tokens > 0 else None
+        return client, _Outcome(200, t_first - t_sent, tpot, usage)
+
+    # ---- small request helpers ---------------------------------------------------------------
+
+    def check_auth(self, request: web.Request) -> None:
+        keys = self.gw.api_keys
+        if not keys:
+            return
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys
+        ):
+            raise errors.unauthorized()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.gw.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise errors.too_large(limit)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise errors.too_large(limit) from None
+
+    def _priority(self, request: web.Request, model: str) -> int:
+        value = request.headers.get(PRIORITY_HEADER)
+        if value is None:
+            return self.gw.model_priority.get(model, 0)
+        try:
+            return int(value)
+        except ValueError:
+            raise errors.bad_request(
+                f"header {PRIORITY_HEADER}: {value!r} is not an integer", PRIORITY_HEADER
+            ) from None
+
+
+def pool_profile(pool: PoolConfig) -> RateSeed | None:
+    """The speed seed for a pool's replicas from its accelerator and first model, when known."""
+    if not pool.accelerator or not pool.models:
+        return None
+    try:
+        return rate_seed_for(pool.models[0], pool.accelerator, pool.gpus_per_replica)
+    except (KeyError, ValueError, ImportError) as e:
+        log.info(
+            "no speed profile for pool %s (%s on %s): %s",
+            pool.name,
+            pool.models[0],
+            pool.accelerator,
+            e,
+        )
+        return None
+
+
+def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
+    """Parse and type-check the fields the gateway reads; the model server checks the rest."""
+    if not raw:
+        raise errors.bad_request("The request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise errors.bad_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None:
+        raise errors.bad_request(
+            "You must provide a model parameter.", "model", "missing_required_parameter"
+        )
+    if not isinstance(model, str) or not model:
+        raise errors.bad_request("`model` must be a non-empty string.", "model", "invalid_type")
+    if endpoint == "chat/completions":
+        msgs = body.get("messages")
+        if msgs is None:
+            raise errors.bad_request(
+                "You must provide a messages parameter.", "messages", "missing_required_parameter"
+            )
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise errors.bad_request(
+                "`messages` must be a non-empty array of message objects.",
+                "messages",
+                "invalid_type",
+            )
+    else:
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise errors.bad_request(
+                "You must provide a prompt parameter.", "prompt", "missing_required_parameter"
+            )
+        if not _valid_prompt(prompt):
+            raise errors.bad_request(
+                "`prompt` must be a string, an array of strings, or token ids.",
+                "prompt",
+                "invalid_type",
+            )
+    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
+        raise errors.bad_request("`stream` must be a boolean.", "stream", "invalid_type")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise errors.bad_request(f"`{key}` must be a positive integer.", key, "invalid_type")
+    return body
+
+
+def _valid_prompt(p: Any) -> bool:
+    if isinstance(p, str):
+        return True
+    if isinstance(p, list) and p:
+        return (
+            all(isinstance(x, str) for x in p)
+            or all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+            or all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in p)
+        )
+    return False
+
+
+def upstream_headers(h: Mapping[str, str], rid: str, *, strip_auth: bool) -> dict[str, str]:
+    out = {k: v for k, v in h.items() if k.lower() not in HOP_BY_HOP}
+    if strip_auth:  # the key was for the gateway, not for the model server
+        out = {k: v for k, v in out.items() if k.lower() != "authorization"}
+    out = {k: v for k, v in out.items() if k.lower() != "x-request-id"}
+    out["x-request-id"] = rid
+    return out
+
+
+def downstream_headers(resp: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
+    out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+    out = {k: v for k, v in out.items() if k.lower() not in ("x-request-id", "date", "server")}
+    out["x-request-id"] = rid
+    return out
+
+
+def _sse_usage(chunk: bytes) -> dict[str, Any] | None:
+    """The usage object of the stream's final chunk (sent with stream_options.include_usage)."""
+    if b'"usage":{' not in chunk:
+        return None
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: {") and b'"usage":{' in line:
+            try:
+                usage = orjson.loads(line[6:]).get("usage")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(usage, dict):
+                return usage
+    return None

@@ -1,0 +1,163 @@
+"""The saturation queue: where requests wait when the picker finds no replica with room.
+
+One bounded queue per pool, ordered by priority (higher first) then arrival. Whenever capacity may
+have freed (a request finished, a new replica state arrived, a replica came back), `drain()` asks
+the picker again for the head of the queue, and keeps going while it gets replicas. The picker call
+passed in reserves the replica (starts it in the in-flight ledger) in the same synchronous step,
+so two requests leaving the queue back to back never herd onto the same "empty" replica.
+
+Shedding: a full queue evicts its lowest-priority waiter to admit a higher-priority arrival, else
+refuses the arrival; a negative-priority request is queued only while the queue is under half
+full (it is the first to go when the fleet is saturated); a wait past the limit is refused. Every
+refusal is a 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway import errors, metrics
+from gateway.estimate import RequestFeatures
+from gateway.picker import Decision
+
+# Picks (and reserves) a replica for a request, given replica ids it must not use.
+PickFn = Callable[[RequestFeatures, frozenset[str]], Decision]
+# Hands back a reservation nobody will use (the waiter was cancelled as it was answered).
+ReleaseFn = Callable[[RequestFeatures, Decision], None]
+
+
+@dataclass(order=True)
+class _Waiter:
+    key: tuple[int, int]  # (-priority, arrival sequence): heap order
+    features: RequestFeatures = field(compare=False)
+    exclude: frozenset[str] = field(compare=False)
+    future: asyncio.Future[Decision] = field(compare=False)
+    enqueued_at: float = field(compare=False, default=0.0)
+
+
+class PoolQueue:
+    def __init__(
+        self, pool: str, pick: PickFn, release: ReleaseFn, *, size: int, timeout_s: float
+    ) -> None:
+        self.pool = pool
+        self.pick = pick
+        self.release = release
+        self.size = size
+        self.timeout_s = timeout_s
+        self._heap: list[_Waiter] = []
+        self._live = 0  # waiters not yet answered (the heap also holds answered ones, lazily)
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return self._live
+
+    async def acquire(
+        self, req: RequestFeatures, exclude: frozenset[str] = frozenset()
+    ) -> Decision:
+        """A decision with a reserved replica, after waiting if the pool is saturated.
+
+        Raises GatewayError(429) when the request is shed. Cancelling the caller (the client went
+        away) leaves the queue cleanly; a reservation made in the same instant is handed back
+        through `release`.
+        """
+        if self._live == 0:
+            d = self.pick(req, exclude)
+            if d.replica_id is not None:
+                return d
+        self._admit_or_shed(req.priority)
+        loop = asyncio.get_running_loop()
+        w = _Waiter(
+            (-req.priority, next(self._seq)), req, exclude, loop.create_future(), time.monotonic()
+        )
+        heapq.heappush(self._heap, w)
+        self._live += 1
+        metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
+        self.drain()
+        try:
+            async with asyncio.timeout(self.timeout_s):  # unlike wait_for, never eats a cancel
+                return await asyncio.shield(w.future)
+        except TimeoutError:
+            if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
+                return w.future.result()  # answered in the same instant the wait ran out
+            self._settle(
+                w,
+                errors.overloaded(
+                    f"pool {self.pool!r} is saturated: waited {self.timeout_s:.0f}s for a replica",
+                    self.retry_after_s(),
+                    "queue_timeout",
+                ),
+            )
+            metrics.SHED.labels(self.pool, "queue_timeout").inc()
+            raise w.future.exception() from None  # type: ignore[misc]
+        except asyncio.CancelledError:
+            if not w.future.done():
+                self._settle(w, None)
+            elif not w.future.cancelled() and w.future.exception() is None:
+                self.release(req, w.future.result())
+            raise
+        finally:
+            metrics.QUEUE_WAIT.labels(self.pool).observe(time.monotonic() - w.enqueued_at)
+
+    def drain(self) -> None:
+        """Hand replicas to waiters, best first, for as long as the picker finds room."""
+        while self._heap:
+            w = self._heap[0]
+            if w.future.done():
+                heapq.heappop(self._heap)
+                continue
+            d = self.pick(w.features, w.exclude)
+            if d.replica_id is None:
+                return  # head of line still does not fit: nobody behind it jumps ahead
+            heapq.heappop(self._heap)
+            self._live -= 1
+            metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
+            w.future.set_result(d)
+
+    def retry_after_s(self) -> float:
+        return max(1.0, self.timeout_s / 4)
+
+    def _admit_or_shed(self, priority: int) -> None:
+        if priority < 0 and self._live >= self.size // 2:
+            metrics.SHED.labels(self.pool, "low_priority").inc()
+            raise errors.overloaded(
+                f"pool {self.pool!r} is saturated; negative-priority requests are shed first",
+                self.retry_after_s(),
+                "shed_low_priority",
+            )
+        if self._live < self.size:
+            return
+        worst = max(
+            (w for w in self._heap if not w.future.done()), key=lambda w: w.key, default=None
+        )
+        if worst is not None and -worst.key[0] < priority:
+            self._settle(
+                worst,
+                errors.overloaded(
+                    f"pool {self.pool!r} is saturated; evicted by a higher-priority request",
+                    self.retry_after_s(),
+                    "evicted",
+                ),
+            )
+            metrics.SHED.labels(self.pool, "evicted").inc()
+            return
+        metrics.SHED.labels(self.pool, "queue_full").inc()
+        raise errors.overloaded(
+            f"pool {self.pool!r} is saturated and its queue of {self.size} is full",
+            self.retry_after_s(),
+            "queue_full",
+        )
+
+    def _settle(self, w: _Waiter, exc: BaseException | None) -> None:
+        if w.future.done():
+            return
+        if exc is None:
+            w.future.cancel()
+        else:
+            w.future.set_exception(exc)
+        self._live -= 1
+        metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)

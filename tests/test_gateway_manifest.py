@@ -1,0 +1,70 @@
+"""The gateway's manifests render with kustomize and validate against the Kubernetes schemas."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+BASE = Path(__file__).resolve().parent.parent / "manifests" / "base" / "gateway"
+K8S_VERSION = "1.31"
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(BASE)], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_every_document_validates_strictly(docs: list[dict]) -> None:
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+        ]
+    )
+
+
+def test_rbac_reads_endpointslices_only(docs: list[dict]) -> None:
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == sa["metadata"]["namespace"]
+
+
+def test_deployment_serves_what_the_service_and_pdb_select(docs: list[dict]) -> None:
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    svc = next(d for d in docs if d["kind"] == "Service")
+    pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    for sel in (svc["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"]):
+        assert sel.items() <= pod_labels.items()
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][0] == "gateway" and "--config" in c["args"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "kvpilot-gateway"
+    assert pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]

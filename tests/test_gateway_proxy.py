@@ -1,0 +1,518 @@
+"""The gateway's proxy behaviour against small in-process upstreams whose faults we control.
+
+Real HTTP on 127.0.0.1 throughout: the gateway runs in this event loop (`run_gateway`) in front of
+aiohttp upstreams that answer normally, refuse, fail with 503, break a stream after its first
+chunk, or stream slowly so that a client can leave mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import REGISTRY
+
+from gateway.app import run_gateway
+from kvpilot.config import parse_config
+
+MODEL = "llama-3.1-8b"
+
+
+class Upstream:
+    """A fake OpenAI-compatible replica; `mode` picks its behaviour."""
+
+    def __init__(self, name: str, mode: str = "ok") -> None:
+        self.name = name
+        self.mode = mode
+        self.hits = 0
+        self.headers: list[dict[str, str]] = []
+        self.cancelled = asyncio.Event()
+        self.release = asyncio.Event()  # "gated" streams wait on this after their first chunk
+        self.server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.answer)
+        app.router.add_post("/v1/chat/completions", self.answer)
+        return app
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        self.headers.append(dict(request.headers))
+        body = orjson.loads(await request.read())
+        chat = request.path.endswith("chat/completions")
+        if self.mode == "503":
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        if self.mode == "reset":  # accept, then drop the connection before any byte
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(0.1)
+            return web.Response()
+        if not body.get("stream"):
+            return web.json_response(_completion(self.name, chat))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            await resp.write(_chunk(self.name, 0, chat))
+            if self.mode == "break":
+                await asyncio.sleep(0.05)
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            if self.mode == "gated":
+                await self.release.wait()
+            n = 200 if self.mode == "slow" else 5
+            for i in range(1, n):
+                if self.mode == "slow":
+                    await asyncio.sleep(0.05)
+                await resp.write(_chunk(self.name, i, chat))
+            await resp.write(b"data: [DONE]\n\n")
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        await resp.write_eof()
+        return resp
+
+
+def _completion(name: str, chat: bool) -> dict[str, Any]:
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    if chat:
+        return {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": name},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+    return {
+        "id": "c1",
+        "object": "text_completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [{"index": 0, "text": name, "finish_reason": "stop", "logprobs": None}],
+        "usage": usage,
+    }
+
+
+def _chunk(name: str, i: int, chat: bool) -> bytes:
+    if chat:
+        c = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": f"{name}-{i} "}, "finish_reason": None}],
+        }
+    else:
+        c = {
+            "id": "c1",
+            "object": "text_completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "text": f"{name}-{i} ", "finish_reason": None}],
+        }
+    return b"data: " + orjson.dumps(c) + b"\n\n"
+
+
+async def start_upstreams(*modes: str) -> list[Upstream]:
+    ups = []
+    for i, mode in enumerate(modes):
+        u = Upstream(f"r{i}", mode)
+        u.server = TestServer(u.app(), handler_cancellation=True)
+        await u.server.start_server()
+        ups.append(u)
+    return ups
+
+
+def closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connections are refused
+    return f"http://127.0.0.1:{port}"
+
+
+def config(urls: list[str], **gateway: Any) -> Any:
+    gw = {"policy": "round-robin", "scrape_fallback": False}
+    gw.update(gateway)
+    return parse_config(
+        {
+            "pools": [
+                {"name": "llama", "models": [MODEL], "endpoints": urls},
+                {"name": "other", "models": ["qwen-7b", "qwen-7b-instruct"], "endpoints": urls[:1]},
+            ],
+            "gateway": gw,
+        }
+    )
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[list[Upstream]]:
+    ups = await start_upstreams("ok", "ok", "ok")
+    yield ups
+    for u in ups:
+        assert u.server is not None
+        await u.server.close()
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# ---- the happy path ------------------------------------------------------------------------
+
+
+async def test_openai_client_non_streaming_spreads_over_replicas(upstreams: list[Upstream]) -> None:
+    async with run_gateway(config([u.url for u in upstreams]), port=0) as base:
+        client = openai.AsyncOpenAI(base_url=base, api_key="none")
+        for _ in range(6):
+            r = await client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+            assert r.choices[0].text in {"r0", "r1", "r2"}
+        c = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert c.choices[0].message.content in {"r0", "r1", "r2"}
+        await client.close()
+    assert [u.hits for u in upstreams] == [3, 2, 2] or sorted(u.hits for u in upstreams) == [
+        2,
+        2,
+        3,
+    ]
+
+
+async def test_stream_is_relayed_chunk_by_chunk_not_buffered() -> None:
+    (up,) = await start_upstreams("gated")
+    try:
+        async with run_gateway(config([up.url]), port=0) as base, aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": 8}
+            async with s.post(f"{base}/completions", json=body) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                # The upstream holds the rest back until we have seen the first chunk: a
+                # buffering proxy would deadlock here (and the test would time out).
+                first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+                assert b"r0-0" in first
+                up.release.set()
+                rest = await resp.read()
+            assert rest.endswith(b"data: [DONE]\n\n")
+            assert rest.count(b"data: ") == 5  # chunks 1..4 and [DONE]
+    finally:
+        assert up.server is not None
+        await up.server.close()
+
+
+async def test_openai_client_streams_chat_and_completions(upstreams: list[Upstream]) -> None:
+    async with run_gateway(config([u.url for u in upstreams]), port=0) as base:
+        client = openai.AsyncOpenAI(base_url=base, api_key="none")
+        parts = []
+        async for ev in await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
+            parts.append(ev.choices[0].delta.content)
+        assert len(parts) == 5 and parts[0].endswith("-0 ")
+        texts = [
+            ev.choices[0].text
+            async for ev in await client.completions.create(model=MODEL, prompt="x", stream=True)
+        ]
+        assert len(texts) == 5
+        await client.close()
+
+
+async def test_request_id_kept_or_made_and_hop_by_hop_stripped(upstreams: list[Upstream]) -> None:
+    cfg = config([upstreams[0].url])
+    async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+        body = {"model": MODEL, "prompt": "hi"}
+        hdrs = {"x-request-id": "abc-123", "Proxy-Authorization": "secret", "TE": "trailers"}
+        async with s.post(f"{base}/completions", json=body, headers=hdrs) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-request-id"] == "abc-123"
+        async with s.post(f"{base}/completions", json=body) as resp:
+            made = resp.headers["x-request-id"]
+            assert len(made) >= 16
+    seen = {k.lower(): v for k, v in upstreams[0].headers[0].items()}
+    assert seen["x-request-id"] == "abc-123"
+    assert "proxy-authorization" not in seen and "te" not in seen
+    assert {k.lower(): v for k, v in upstreams[0].headers[1].items()}["x-request-id"] == made
+
+
+async def test_models_health_ready_metrics(upstreams: list[Upstream]) -> None:
+    async with run_gateway(config([u.url for u in upstreams]), port=0) as base:
+        client = openai.AsyncOpenAI(base_url=base, api_key="none")
+        models = sorted(m.id for m in (await client.models.list()).data)
+        assert models == sorted([MODEL, "qwen-7b", "qwen-7b-instruct"])
+        await client.completions.create(model=MODEL, prompt="hello")
+        await client.close()
+        root = base.removesuffix("/v1")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{root}/healthz") as r:
+                assert r.status == 200
+            async with s.get(f"{root}/readyz") as r:
+                assert r.status == 200
+                assert (await r.json())["replicas"]["llama"] == 3
+            async with s.get(f"{root}/metrics") as r:
+                text = await r.text()
+    for name in (
+        "kvpilot_gateway_requests_total",
+        "kvpilot_gateway_pick_seconds_bucket",
+        "kvpilot_gateway_e2e_seconds_bucket",
+        "kvpilot_gateway_decisions_total",
+        "kvpilot_gateway_inflight_requests",
+    ):
+        assert name in text
+
+
+async def test_readyz_is_503_without_replicas() -> None:
+    cfg = parse_config(
+        {
+            "pools": [{"name": "empty", "models": [MODEL]}],
+            "gateway": {"scrape_fallback": False},
+        }
+    )
+    async with (
+        run_gateway(cfg, port=0) as base,
+        aiohttp.ClientSession() as s,
+        s.get(base.removesuffix("/v1") + "/readyz") as r,
+    ):
+        assert r.status == 503
+
+
+async def test_api_keys_required_and_not_forwarded(upstreams: list[Upstream]) -> None:
+    cfg = config([upstreams[0].url], api_keys=["k1", "k2"])
+    async with run_gateway(cfg, port=0) as base:
+        bad = openai.AsyncOpenAI(base_url=base, api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await bad.completions.create(model=MODEL, prompt="hi")
+        good = openai.AsyncOpenAI(base_url=base, api_key="k2")
+        r = await good.completions.create(model=MODEL, prompt="hi")
+        assert r.choices[0].text == "r0"
+        await bad.close()
+        await good.close()
+    assert upstreams[0].hits == 1
+    assert "authorization" not in {k.lower() for k in upstreams[0].headers[0]}
+
+
+# ---- failures ------------------------------------------------------------------------------
+
+
+async def test_refused_and_503_replicas_are_retried_elsewhere() -> None:
+    ups = await start_upstreams("ok", "503")
+    urls = [closed_port_url(), ups[0].url, ups[1].url]
+    before = sample("kvpilot_gateway_retries_total", pool="llama", reason="connect")
+    try:
+        cfg = config(urls, eject_after_failures=100)
+        async with run_gateway(cfg, port=0) as base:
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            for i in range(9):
+                r = await client.completions.create(model=MODEL, prompt="hi", stream=False)
+                assert r.choices[0].text == "r0"
+                parts = [
+                    ev.choices[0].text
+                    async for ev in await client.completions.create(
+                        model=MODEL, prompt=f"s{i}", stream=True
+                    )
+                ]
+                assert parts[0] == "r0-0 "
+            await client.close()
+    finally:
+        for u in ups:
+            assert u.server is not None
+            await u.server.close()
+    assert ups[1].hits > 0  # the 503 replica was tried, and its requests went elsewhere
+    assert sample("kvpilot_gateway_retries_total", pool="llama", reason="connect") > before
+
+
+async def test_consecutive_failures_eject_a_replica() -> None:
+    ups = await start_upstreams("ok", "503")
+    try:
+        cfg = config([ups[0].url, ups[1].url], eject_after_failures=2, eject_for_s=60)
+        async with run_gateway(cfg, port=0) as base:
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            for _ in range(12):
+                r = await client.completions.create(model=MODEL, prompt="hi")
+                assert r.choices[0].text == "r0"
+            await client.close()
+    finally:
+        for u in ups:
+            assert u.server is not None
+            await u.server.close()
+    assert ups[1].hits == 2  # two failures, then out of rotation for the rest
+
+
+async def test_all_replicas_failing_answers_502_json() -> None:
+    cfg = config([closed_port_url(), closed_port_url()])
+    async with (
+        run_gateway(cfg, port=0) as base,
+        aiohttp.ClientSession() as s,
+        s.post(f"{base}/completions", json={"model": MODEL, "prompt": "hi"}) as r,
+    ):
+        assert r.status == 502
+        err = (await r.json())["error"]
+        assert err["type"] == "upstream_error" and err["message"]
+
+
+async def test_stream_broken_after_first_byte_ends_with_sse_error() -> None:
+    (up,) = await start_upstreams("break")
+    try:
+        async with run_gateway(config([up.url]), port=0) as base:
+            async with aiohttp.ClientSession() as s:
+                body = {"model": MODEL, "prompt": "hi", "stream": True}
+                async with s.post(f"{base}/completions", json=body) as resp:
+                    assert resp.status == 200
+                    raw = await resp.read()
+            events = [e for e in raw.split(b"\n\n") if e]
+            assert b"r0-0" in events[0]
+            err = orjson.loads(events[1].removeprefix(b"data: "))
+            assert err["error"]["code"] == "upstream_failed"
+            assert events[-1] == b"data: [DONE]"
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            with pytest.raises(openai.APIError):
+                async for _ in await client.completions.create(
+                    model=MODEL, prompt="x", stream=True
+                ):
+                    pass
+            await client.close()
+    finally:
+        assert up.server is not None
+        await up.server.close()
+
+
+async def test_client_leaving_cancels_upstream() -> None:
+    (up,) = await start_upstreams("slow")
+    try:
+        async with run_gateway(config([up.url]), port=0) as base:
+            async with aiohttp.ClientSession() as s:
+                body = {"model": MODEL, "prompt": "hi", "stream": True}
+                resp = await s.post(f"{base}/completions", json=body)
+                await resp.content.readuntil(b"\n\n")
+                resp.close()  # the client goes away mid-stream
+            await asyncio.wait_for(up.cancelled.wait(), 10)
+            root = base.removesuffix("/v1")
+            async with aiohttp.ClientSession() as s, s.get(f"{root}/metrics") as r:
+                text = await r.text()
+            inflight = [
+                ln
+                for ln in text.splitlines()
+                if ln.startswith("kvpilot_gateway_inflight_requests") and up.url in ln
+            ]
+            assert inflight and inflight[0].endswith(" 0.0")
+    finally:
+        assert up.server is not None
+        await up.server.close()
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("completions", b"{not json", 400, None),
+        ("completions", b"[1, 2]", 400, None),
+        ("completions", b"", 400, None),
+        ("completions", b'{"prompt": "hi"}', 400, "model"),
+        ("completions", b'{"model": 7, "prompt": "hi"}', 400, "model"),
+        ("completions", b'{"model": "nope", "prompt": "hi"}', 404, "model"),
+        ("completions", b'{"model": "llama-3.1-8b"}', 400, "prompt"),
+        ("completions", b'{"model": "llama-3.1-8b", "prompt": {"a": 1}}', 400, "prompt"),
+        (
+            "completions",
+            b'{"model": "llama-3.1-8b", "prompt": "x", "max_tokens": "9"}',
+            400,
+            "max_tokens",
+        ),
+        (
+            "completions",
+            b'{"model": "llama-3.1-8b", "prompt": "x", "max_tokens": 0}',
+            400,
+            "max_tokens",
+        ),
+        (
+            "completions",
+            b'{"model": "llama-3.1-8b", "prompt": "x", "stream": "yes"}',
+            400,
+            "stream",
+        ),
+        ("chat/completions", b'{"model": "llama-3.1-8b"}', 400, "messages"),
+        ("chat/completions", b'{"model": "llama-3.1-8b", "messages": "hi"}', 400, "messages"),
+        ("chat/completions", b'{"model": "llama-3.1-8b", "messages": []}', 400, "messages"),
+    ],
+)
+async def test_bad_input_gets_openai_errors(
+    upstreams: list[Upstream], path: str, body: bytes, status: int, param: str | None
+) -> None:
+    async with (
+        run_gateway(config([upstreams[0].url]), port=0) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        hdrs = {"Content-Type": "application/json"}
+        async with s.post(f"{base}/{path}", data=body, headers=hdrs) as r:
+            assert r.status == status
+            err = (await r.json())["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+    assert upstreams[0].hits == 0
+
+
+async def test_oversize_body_and_bad_priority(upstreams: list[Upstream]) -> None:
+    cfg = config([upstreams[0].url], max_body_bytes=1000)
+    async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+        big = {"model": MODEL, "prompt": "x" * 5000}
+        async with s.post(f"{base}/completions", json=big) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "request_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the read itself must stop
+            for _ in range(10):
+                yield b" " * 500
+
+        async with s.post(f"{base}/completions", data=chunks()) as r:
+            assert r.status == 413
+        hdrs = {"x-kvpilot-priority": "high"}
+        async with s.post(
+            f"{base}/completions", json={"model": MODEL, "prompt": "x"}, headers=hdrs
+        ) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "x-kvpilot-priority"
+    assert upstreams[0].hits == 0
+
+
+# ---- saturation: the queue over HTTP -------------------------------------------------------
+
+
+async def test_no_pickable_replica_waits_then_429_with_retry_after() -> None:
+    cfg = parse_config(
+        {
+            "pools": [{"name": "empty", "models": [MODEL]}],
+            "gateway": {"queue_timeout_s": 0.3, "scrape_fallback": False},
+        }
+    )
+    before = sample("kvpilot_gateway_shed_total", pool="empty", reason="queue_timeout")
+    async with run_gateway(cfg, port=0) as base:
+        client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.completions.create(model=MODEL, prompt="hi")
+        assert int(info.value.response.headers["Retry-After"]) >= 1
+        assert info.value.response.json()["error"]["type"] == "rate_limit_error"
+        await client.close()
+    assert sample("kvpilot_gateway_shed_total", pool="empty", reason="queue_timeout") == before + 1
