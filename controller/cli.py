@@ -42,28 +42,21 @@ def main(argv: list[str]) -> int:
 
 
 class AgentStates:
-    """Replica states from every agent's /v1/state/watch stream (agent.client)."""
+    """Replica states from every agent (agent.client.AgentSet), read each tick."""
 
     def __init__(self, urls: Iterable[str], session: aiohttp.ClientSession) -> None:
-        from agent.client import AgentWatchClient
+        from agent.client import AgentSet
 
-        self.clients = [AgentWatchClient(u, session) for u in urls]
-        self.tasks = [asyncio.ensure_future(self._drain(c)) for c in self.clients]
-
-    @staticmethod
-    async def _drain(c: object) -> None:
-        async for _ in c:  # type: ignore[attr-defined]
-            pass  # the client keeps `latest` up to date; we read it each tick
+        self.agents = AgentSet(list(urls), session)
+        self.task = asyncio.ensure_future(self.agents.run())
 
     def __call__(self) -> list[ReplicaState]:
-        return [s for c in self.clients for s in c.latest.values()]
+        return self.agents.replicas()
 
     async def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
 
 async def serve(path: str, cfg: Config, *, once: bool = False, dry_run: bool = False) -> None:

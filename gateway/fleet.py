@@ -24,7 +24,7 @@ from gateway import metrics
 from gateway.estimate import RequestFeatures
 from gateway.inflight import InFlightLedger
 from gateway.picker import RateSeed, ReplicaView
-from kvpilot.signals import ReplicaState
+from kvpilot.signals import NodeState, ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,11 @@ class StateFeeds:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        for url in self.agents:
-            self._tasks.append(asyncio.create_task(self._watch_agent(url), name=f"agent {url}"))
+        if self.agents:
+            from agent.client import AgentSet
+
+            agents = AgentSet(self.agents, self.session, on_state=self._observe_node)
+            self._tasks.append(asyncio.create_task(agents.run(), name="agents"))
         if self.scrape:
             self._tasks.append(asyncio.create_task(self._scrape_loop(), name="scrape"))
 
@@ -275,16 +278,9 @@ class StateFeeds:
                 await t
         self._tasks.clear()
 
-    async def _watch_agent(self, url: str) -> None:
-        try:
-            from agent.client import AgentWatchClient
-        except ImportError:
-            log.warning("agent.client is not available; not watching agent %s", url)
-            return
-        client = AgentWatchClient(url, self.session)
-        async for node in client:
-            for state in node.replicas:
-                self.fleet.observe_state(state, "agent")
+    def _observe_node(self, node: NodeState) -> None:
+        for state in node.replicas:
+            self.fleet.observe_state(state, "agent")
 
     async def _scrape_loop(self) -> None:
         while True:

@@ -255,3 +255,30 @@ async def test_gateway_scrapes_replica_states_without_agents(modelservers: list)
         x["state"]["kv_blocks_total"] > 0 and x["state"]["engine"] in ("vllm", "kvpilot")
         for x in reps
     )
+
+
+async def test_gateway_routes_on_agent_states(modelservers: list) -> None:
+    """With an agent reporting the replicas, their states come from its watch stream."""
+    from agent.run import agent_config, running_agent
+
+    urls = [u for u, _ in modelservers]
+    acfg = agent_config(urls, listen="127.0.0.1:0", pool="llama-8b", scrape_interval_s=0.1)
+    async with running_agent(acfg) as agent_url:
+        cfg = gateway_config(urls, agents=[agent_url], scrape_fallback=False)
+        async with run_gateway(cfg, port=0) as base:  # type: ignore[arg-type]
+            root = base.removesuffix("/v1")
+            async with aiohttp.ClientSession() as s:
+                reps: list = []
+                for _ in range(100):
+                    async with s.get(f"{root}/debug/fleet") as r:
+                        reps = (await r.json())["pools"]["llama-8b"]
+                    if all(x["source"] == "agent" for x in reps):
+                        break
+                    await asyncio.sleep(0.1)
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            out = await client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+            await client.close()
+    assert sorted(x["url"] for x in reps) == sorted(urls)
+    assert all(x["source"] == "agent" for x in reps)
+    assert all(x["state"]["kv_blocks_total"] > 0 for x in reps)
+    assert out.usage.completion_tokens == 4
