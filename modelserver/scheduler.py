@@ -238,13 +238,18 @@ class Engine:
         min_tokens: int = 0,
         ignore_eos: bool = False,
         arrival_time: float = 0.0,
+        sample_key: str | None = None,
     ) -> None:
+        """Queue a request. Its tokens and natural length are drawn from (seed, sample_key),
+        sample_key defaulting to the request id: equal keys give equal answers, like greedy
+        decoding of the same prompt."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         self.validate(len(prompt_token_ids), max_tokens)
         if min_tokens < 0 or min_tokens > max_tokens:
             raise ValueError(f"min_tokens must be between 0 and max_tokens, got {min_tokens}.")
-        seed = xxhash.xxh64_intdigest(request_id.encode(), seed=self.config.seed & _MASK64)
+        key = request_id if sample_key is None else sample_key
+        seed = xxhash.xxh64_intdigest(key.encode(), seed=self.config.seed & _MASK64)
         target, reason = max_tokens, "length"
         if not ignore_eos:
             natural = random.Random(seed).lognormvariate(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -123,7 +124,7 @@ class EngineLoop:
         self._busy = False
         self._wake = asyncio.Event()
         self._live: dict[str, Generation] = {}
-        self._aborted: set[str] = set()  # aborted since the last delivery
+        self._ids = itertools.count()
         self._steps: deque[_StepRecord] = deque()
         self._last_stats = engine.stats()
         self._closed = False
@@ -157,7 +158,11 @@ class EngineLoop:
     ) -> Generation:
         if self._closed:
             raise ApiError(503, self.failed or "the server is shutting down")
-        request_id = self._request_id(prompt_token_ids, seed)
+        # Ids are never reused, so tokens of an aborted request still in the running step can
+        # never reach a newcomer. Answers are keyed by the prompt instead: the same prompt gives
+        # the same answer on every run and every replica (like greedy decoding).
+        request_id = f"r{next(self._ids)}"
+        key = xxhash.xxh64(orjson.dumps(list(prompt_token_ids)), seed=seed or 0).hexdigest()
         gen = Generation(request_id, len(prompt_token_ids), self.now())
         self.engine.add_request(
             request_id,
@@ -166,27 +171,16 @@ class EngineLoop:
             min_tokens=min_tokens,
             ignore_eos=ignore_eos,
             arrival_time=gen.arrival,
+            sample_key=key,
         )
         self._live[request_id] = gen
         self._wake.set()
         return gen
 
-    def _request_id(self, prompt_token_ids: Sequence[int], seed: int | None) -> str:
-        # The engine draws tokens from (seed, request_id): naming a request by its prompt makes the
-        # same prompt give the same answer on every run and every replica (like greedy decoding).
-        h = xxhash.xxh64(orjson.dumps(list(prompt_token_ids)), seed=seed or 0).hexdigest()
-        request_id, k = h, 1
-        # Not an id whose abort may still have tokens in the step now running, either: those
-        # would be delivered to the newcomer.
-        while request_id in self._live or request_id in self._aborted:
-            request_id, k = f"{h}.{k}", k + 1
-        return request_id
-
     def release(self, gen: Generation) -> None:
         """The handler is done with a request: abort it in the engine if it has not finished."""
         if self._live.pop(gen.request_id, None) is not None and not gen.finished:
             self.engine.abort_request(gen.request_id)
-            self._aborted.add(gen.request_id)
             self._sync_counters()
 
     def close(self) -> None:
@@ -282,7 +276,6 @@ class EngineLoop:
                 m.request_generation_tokens.observe(gen.num_tokens)
                 m.request_success(self.model_name, tok.finish_reason)
             gen.queue.put_nowait(tok)
-        self._aborted.clear()
         self._sync_counters()
 
     def _sync_counters(self) -> None:

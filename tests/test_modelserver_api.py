@@ -374,9 +374,9 @@ async def test_cli_bad_flag_is_one_line_and_exit_2(args: list[str], flag: str, c
 
 
 async def test_same_prompt_right_after_a_disconnect_gets_its_own_answer() -> None:
-    """The engine names requests by their prompt. A retry that arrives after the server aborted a
-    dropped stream, while the step that still holds the aborted request's last token runs (steps
-    are ~130 ms of wall time here), must not receive that token."""
+    """Answers are keyed by the prompt. A retry that arrives after the server aborted a dropped
+    stream, while the step that still holds the aborted request's last token runs (steps are
+    ~130 ms of wall time here), must not receive that token."""
     srv = await start_server(
         ServerConfig(
             engine=EngineConfig(
@@ -406,6 +406,26 @@ async def test_same_prompt_right_after_a_disconnect_gets_its_own_answer() -> Non
         assert len(retry["choices"][0]["text"].split()) == 6
     finally:
         await srv.stop()
+
+
+async def test_identical_prompts_in_flight_together_each_get_the_same_answer(
+    client: openai.AsyncOpenAI,
+) -> None:
+    async def one(stream: bool) -> str:
+        kw = {
+            "model": MODEL,
+            "prompt": "Write an essay.",
+            "max_tokens": 12,
+            "extra_body": {"ignore_eos": True},
+        }
+        if not stream:
+            return (await client.completions.create(**kw)).choices[0].text
+        chunks = await client.completions.create(**kw, stream=True)
+        return "".join([c.choices[0].text async for c in chunks if c.choices])
+
+    answers = await asyncio.gather(*(one(i % 2 == 0) for i in range(16)))
+    assert len(set(answers)) == 1
+    assert len(answers[0].split()) == 12
 
 
 class _FailingEngine(Engine):
