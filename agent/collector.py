@@ -69,6 +69,7 @@ class Collector:
         self.gpu_reading = GpuReading()
         self.owners: dict[str, Owner] = {}
         self._gpu_task: asyncio.Task[GpuReading] | None = None
+        self._gpu_started = -float("inf")  # monotonic time the last GPU read began
         self.cycles = 0
 
     async def run(self) -> None:
@@ -117,12 +118,16 @@ class Collector:
             if r.task is None or r.task.done():
                 r.task = asyncio.create_task(self._scrape(r))
             started.append(r.task)
-        if self._gpu_task is None or self._gpu_task.done():
+        gpu_due = time.monotonic() - self._gpu_started >= self.cfg.gpu_interval_s
+        if self._gpu_task is None and gpu_due:
+            self._gpu_started = time.monotonic()
             addresses = [r.target.address for r in self.replicas.values()]
             self._gpu_task = asyncio.create_task(self.gpu_source.read(addresses))
-        started.append(self._gpu_task)
-        await asyncio.wait(started, timeout=self.cfg.scrape_interval_s * 0.8)
-        if self._gpu_task.done():
+        if self._gpu_task is not None:
+            started.append(self._gpu_task)
+        if started:
+            await asyncio.wait(started, timeout=self.cfg.scrape_interval_s * 0.8)
+        if self._gpu_task is not None and self._gpu_task.done():
             try:
                 self.gpu_reading = self._gpu_task.result()
             except Exception as e:  # a source bug or a broken driver: keep the last reading

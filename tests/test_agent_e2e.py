@@ -125,7 +125,7 @@ async def test_load_shows_up_as_queue_rates_and_latency(modelservers: list[str])
     cfg = with_agent(agent_config([target]), rate_window_s=2.0)
     async with agent_at(cfg) as (url, session, fetch):
         await wait_for(fetch, lambda s: s.replicas[0].healthy)
-        body = {"model": MODEL, "prompt": "hello " * 400, "max_tokens": 200}
+        body = {"model": MODEL, "prompt": "hello " * 400, "max_tokens": 200, "ignore_eos": True}
 
         async def one() -> None:
             async with session.post(f"{target}/v1/completions", json=body) as r:

@@ -202,3 +202,23 @@ async def test_state_endpoint_is_503_until_the_first_cycle() -> None:
                 assert (await r.json())["node"] == "n"
     finally:
         await runner.cleanup()
+
+
+async def test_gpus_are_read_on_their_own_slower_cadence() -> None:
+    """Model servers every scrape interval, GPUs every gpu_interval_s: NVML reads cost ms each."""
+    server = MetricsServer(counting_vllm())  # type: ignore[arg-type]
+    gpus = FakeGpuSource([fake_gpu(0)])
+    async with server as ms_url, aiohttp.ClientSession() as session:
+        cfg = cfg_for([ms_url], scrape_interval_s=0.05, gpu_interval_s=0.5)
+        async with running_agent(cfg, gpu_source=gpus) as url:
+            stamps: set[float] = set()
+            start = time.monotonic()
+            async for state in AgentWatchClient(url, session):
+                stamps.add(state.replicas[0].observed_at)
+                if len(stamps - {0.0}) >= 12:
+                    break
+            elapsed = time.monotonic() - start
+            assert state.gpus and state.gpus[0].uuid == fake_gpu(0).uuid
+    # 12 fresh scrapes at 50 ms took >= 0.55 s: the GPUs were read once per 0.5 s, not per scrape.
+    assert gpus.reads <= 1 + elapsed / 0.5 + 1
+    assert gpus.reads < len(stamps)
