@@ -259,12 +259,8 @@ async def test_leader_election_one_acts_the_other_takes_over_after_expiry(cluste
     k8s, api = cluster
     now = [1000.0]
     clock = lambda: now[0]  # noqa: E731
-    a = LeaderElector(
-        api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST
-    )
-    b = LeaderElector(
-        api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST
-    )
+    a = LeaderElector(api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST)
+    b = LeaderElector(api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST)
     assert await a.try_acquire()
     assert not await b.try_acquire()
     for _ in range(3):  # a keeps renewing; b keeps waiting
