@@ -9,7 +9,7 @@ emptiest. The ledger covers the gap: requests sent since the replica's last obse
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.estimate import RequestFeatures
 
@@ -23,6 +23,10 @@ class InFlight:
     # prompt tokens of every in-flight request whose first token has not come, acked or not: the
     # prefill work this gateway knows is queued there (exact while one gateway sends everything)
     prefill_tokens: int = 0
+    # estimated KV blocks every in-flight request will hold at its end (prompt + expected
+    # output), acked or not: what the replica's cache must eventually find room for, however
+    # empty it looks now (decodes grow; a replica that runs out preempts by recompute)
+    demand_blocks: int = field(default=0, compare=False)  # (compare: older equality checks)
 
 
 EMPTY = InFlight()
@@ -45,6 +49,7 @@ class _Account:
         "kv_blocks",
         "unacked",
         "prefill_tokens",
+        "demand_blocks",
         "snapshot",
     )
 
@@ -55,12 +60,18 @@ class _Account:
         self.kv_blocks = 0
         self.unacked = 0
         self.prefill_tokens = 0
+        self.demand_blocks = 0
         self.snapshot: InFlight = EMPTY
 
     def refresh(self) -> None:
         # one object per change, not per read: pickers read every replica on every pick
         self.snapshot = InFlight(
-            len(self.entries), self.prompt_tokens, self.kv_blocks, self.unacked, self.prefill_tokens
+            len(self.entries),
+            self.prompt_tokens,
+            self.kv_blocks,
+            self.unacked,
+            self.prefill_tokens,
+            self.demand_blocks,
         )
 
     def ack(self, e: _Entry) -> None:
@@ -88,6 +99,7 @@ class InFlightLedger:
         old = acc.entries.pop(req.request_id, None)
         if old is not None:  # the same id sent again (a retry): the old one is over
             acc.ack(old)
+            acc.demand_blocks -= old.kv_blocks
             if not old.prefilled:
                 acc.prefill_tokens -= old.prompt_tokens
         tokens = req.prompt_tokens
@@ -98,6 +110,7 @@ class InFlightLedger:
         acc.prompt_tokens += tokens
         acc.prefill_tokens += tokens
         acc.kv_blocks += blocks
+        acc.demand_blocks += blocks
         acc.unacked += 1
         acc.refresh()
 
@@ -122,6 +135,7 @@ class InFlightLedger:
         if e is None:
             return
         acc.ack(e)  # a finished request no longer adds to any state
+        acc.demand_blocks -= e.kv_blocks
         if not e.prefilled:
             acc.prefill_tokens -= e.prompt_tokens
         if len(acc.pending) > 2 * len(acc.entries) + 64:

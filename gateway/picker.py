@@ -46,6 +46,7 @@ class RateSeed:
     chunk_tokens: int = 8192  # tokens per engine step (vLLM max_num_batched_tokens)
     kv_blocks_total: int = 0  # 0: unknown (the state says)
     block_size: int = 16
+    max_num_seqs: int = 256  # the engine's batch cap (vLLM max_num_seqs)
 
     def decode_step(self, batch: float) -> float:
         """Decode step time at `batch` sequences, linear through the two measured points."""
@@ -65,6 +66,7 @@ def rate_seed_from_perf(
     chunk_tokens: int = 8192,
     block_size: int = 16,
     gpu_memory_utilization: float = 0.9,
+    max_num_seqs: int = 256,
 ) -> RateSeed:
     """Build a RateSeed from a `modelserver.perf.PerfModel` (the roofline model of a GPU+model).
 
@@ -90,6 +92,7 @@ def rate_seed_from_perf(
         chunk_tokens=chunk_tokens,
         kv_blocks_total=kv_blocks,
         block_size=block_size,
+        max_num_seqs=max_num_seqs,
     )
 
 
@@ -434,6 +437,7 @@ class _Learned:
         "uncached_frac",
         "kv_frac",
         "mean_uncached",
+        "mean_output",
     )
 
     def __init__(self) -> None:
@@ -450,6 +454,7 @@ class _Learned:
         self.uncached_frac = 1.0
         self.kv_frac = 1.0  # the same for the KV blocks the ledger counts (prompt + output)
         self.mean_uncached: float | None = None  # uncached prompt tokens per request sent here
+        self.mean_output: float | None = None  # expected output tokens per request sent here
 
 
 class Headroom(_Baseline):
@@ -475,12 +480,15 @@ class Headroom(_Baseline):
     are learned online from observed vs predicted TTFT and TPOT: a log-EWMA per replica with
     bounded steps, taken relative to the fleet-wide bias (which changes no ranking), and 1 inside
     a deadband (load-dependent noise would otherwise steer traffic by recent luck); TTFTs
-    observed behind a long queue are not learned from. Unhealthy
-    replicas, with `max_queue` those with that many waiting, and with `max_wait_ratio` those
-    whose predicted wait behind their queue exceeds that share of the TTFT target, count as not
-    fitting (saturated). When no
-    replica fits the pick fails open to the lowest cost, or with `queue_when_saturated` returns
-    None so the gateway holds the request until capacity frees.
+    observed behind a long queue are not learned from. On an admission-blocked replica (batch
+    cap or KV >= kv_blocked) Q_r also holds, per request waiting there, the time until a running
+    sequence finishes. Unhealthy replicas, with `max_queue` those with that many waiting, with
+    `max_wait_ratio` (1.0) those whose predicted wait behind their queue exceeds that share of
+    the TTFT target, and with `demand_max` those whose projected KV demand overflows, count as
+    not fitting (saturated). When no replica fits the pick fails open to the lowest cost, or with
+    `queue_when_saturated` returns None so the gateway holds the request until capacity frees;
+    `queue_key` says which held request to offer freed capacity first (earliest deadline while
+    it can still be met, then by age).
     """
 
     name = "headroom"
@@ -501,9 +509,14 @@ class Headroom(_Baseline):
         kv_knee: float = 0.85,
         w_preempt: float = 0.1,
         max_queue: int | None = None,
-        max_wait_ratio: float | None = None,
+        max_wait_ratio: float | None = 1.0,
         ledger_queue: bool = True,
         queue_when_saturated: bool = False,
+        hold_on_kv: bool = True,
+        demand_max: float | None = None,
+        queue_age_s: float | None = 12.0,
+        kv_blocked: float | None = 0.85,
+        blocked_output_share: float = 0.3,
         learn_rate: float = 0.1,
         learn_rate_tpot: float | None = None,  # None: the same as learn_rate
         learn_clip: float = 0.5,  # one observation moves log k toward at most +-this
@@ -532,6 +545,19 @@ class Headroom(_Baseline):
         self.max_wait_ratio = max_wait_ratio
         self.ledger_queue = ledger_queue
         self.queue_when_saturated = queue_when_saturated
+        # with max_wait_ratio: hold a request that fits no replica's KV cache (True), or only
+        # when every replica's queue is too long, sending a KV misfit to the lowest cost (the
+        # engine queues it until blocks free; holding it would block the gateway queue's head)
+        self.hold_on_kv = hold_on_kv
+        # the KV blocks everything in flight will hold at its end (prompt + expected output, the
+        # ledger's demand) may exceed the cache by this factor; past it the replica would
+        # preempt by recompute as its decodes grow, so it counts as saturated
+        self.demand_max = demand_max
+        self.queue_age_s = queue_age_s
+        self.kv_blocked = kv_blocked
+        self.blocked_output_share = blocked_output_share
+        self._fast_at = -math.inf
+        self._fast = 0.0
         self.learn_rate = learn_rate
         self.learn_rate_tpot = learn_rate if learn_rate_tpot is None else learn_rate_tpot
         self.learn_clip = learn_clip
@@ -653,11 +679,24 @@ class Headroom(_Baseline):
             blocks, bs, used, obs = seed.kv_blocks_total, seed.block_size, 0.0, 0.0
         rate = seed.prefill_tokens_per_s
         per_tok = k * (1.0 / rate + seed.decode_step(running) / seed.chunk_tokens)
+        slot_tokens = 0.0
+        if self.kv_blocked is not None and st is not None:
+            # admission-blocked: a full batch (max_num_seqs) or a nearly full cache admits a
+            # waiting request only when a running one finishes. Sequences finish at about
+            # running / (half the mean output x decode step) per second; each request queued
+            # there (and this one) waits 1/that, counted as prefill-equivalent tokens so the
+            # cost, the wait limit and the queue's drain all see it
+            u = st.kv_usage
+            if running >= seed.max_num_seqs or (blocks and u >= self.kv_blocked):
+                out = lr.mean_output or 256.0
+                step = kd * seed.decode_step(max(1.0, running))
+                finish_rate = max(1.0, running) / max(1e-3, self.blocked_output_share * out * step)
+                slot_tokens = 1.0 / finish_rate / per_tok
         # tokens/s the replica works off its queue since the state was read; a full cache blocks
         # admission, so a queue behind it does not drain
         usage = used / blocks if blocks else 0.0
         drain = rate / k * min(1.0, max(0.0, (0.95 - usage) / 0.25))
-        queue0 = waiting * (lr.mean_uncached or self.mean_uncached)
+        queue0 = waiting * (lr.mean_uncached or self.mean_uncached) + (waiting + 1) * slot_tokens
         harm = self.w_harm * k / rate / (self.harm_tokens * self.slo_tpot_s)
         slope = (seed.decode_step_s - seed.decode_step_base_s) / max(1, seed.typical_batch - 1)
         tpot0 = kd * seed.decode_step(running + 1)  # seconds per output token
@@ -679,6 +718,7 @@ class Headroom(_Baseline):
             float(bs),
             used,
             pre,
+            slot_tokens,
         )
 
     def _entry(self, v: ReplicaView, lr: _Learned, tpb: float) -> tuple[Any, ...]:
@@ -691,17 +731,21 @@ class Headroom(_Baseline):
         if lr.state is not st or lr.profile is not v.profile or not lr.derived:
             lr.state, lr.profile = st, v.profile
             lr.derived = self._derive(lr, v, tpb)
-        (per_tok, drain, queue0, obs, harm, running, tpot0, tpot1, blocks, bs, used, pre) = (
+        (per_tok, drain, queue0, obs, harm, running, tpot0, tpot1, blocks, bs, used, pre, slot) = (
             lr.derived
         )
         inf = v.inflight
         ok = not v.ejected and (st is None or st.healthy)
         if ok and self.max_queue is not None:
             ok = (st.waiting if st else 0) + inf.unacked < self.max_queue
+
         frac = lr.uncached_frac
-        unacked_tokens = inf.prompt_tokens * frac
+        unacked_tokens = inf.prompt_tokens * frac + inf.unacked * slot
         ledger_tokens = inf.prefill_tokens * frac if self.ledger_queue else 0.0
-        if queue0 > 0.0:
+        if queue0 > 0.0 and drain == 0.0:  # a blocked queue that does not drain: a constant
+            qd = max(queue0 + unacked_tokens, ledger_tokens)
+            unacked_tokens = ledger_tokens = 0.0
+        elif queue0 > 0.0:
             # queued prefill tokens at `now`: max(max(0, qd - now x drain) + unacked, ledger)
             qd = queue0 + obs * drain
         else:  # nothing to drain: the queue is a constant, folded so the hot loop skips the rest
@@ -709,11 +753,16 @@ class Headroom(_Baseline):
             unacked_tokens = ledger_tokens = 0.0
         tpot = tpot0 + tpot1 * inf.unacked
         held = used + inf.kv_blocks * lr.kv_frac
+        demand_room = math.inf
         if v.ejected:  # never fits: the hot loop drops it at the KV check
-            knee_tokens = room_tokens = -math.inf
+            knee_tokens = room_tokens = demand_room = -math.inf
         elif blocks > 0.0:
             knee_tokens = (self.kv_knee * blocks - held) * bs  # more new tokens: KV pressure
             room_tokens = (blocks - held) * bs  # more new tokens: does not fit
+            if self.demand_max is not None:
+                demand = max(held, inf.demand_blocks * lr.kv_frac)
+                demand_room = (self.demand_max * blocks - demand) * bs
+                room_tokens = min(room_tokens, demand_room)
         else:
             knee_tokens = room_tokens = math.inf
         return (
@@ -736,6 +785,7 @@ class Headroom(_Baseline):
             st,  # 16-18: what the entry was built from, to reuse it for an equal new view
             inf,
             v.profile,
+            demand_room,  # 19: new tokens before the projected KV demand overflows
         )
 
     def _refresh(self, v: ReplicaView, tpb: float) -> tuple[Any, ...]:
@@ -880,6 +930,12 @@ class Headroom(_Baseline):
         r = self.max_wait_ratio
         return math.inf if r is None else r * target
 
+    def _wait_ok(self, e: tuple[Any, ...], xo: float, now: float, target: float) -> bool:
+        """Whether `e` has real headroom for a request of `xo` new KV tokens: its predicted wait
+        behind its queue is within the limit and its projected KV demand leaves room."""
+        q = max(max(0.0, e[2] - now * e[3]) + e[5], e[15])
+        return bool(e[13]) and q * e[4] <= self._wait_limit(target) and xo <= e[19]
+
     def _cost(
         self, e: tuple[Any, ...], x: float, o: float, now: float, target: float
     ) -> tuple[float, bool]:
@@ -893,6 +949,27 @@ class Headroom(_Baseline):
             u = (e[10] + xo * e[12]) * e[11]
             cost += self.w_kv * target * (u - self.kv_knee) ** 2 / max(1e-3, 1.0 - u)
         return cost, fits
+
+    # -- the gateway queue's order -------------------------------------------------------------
+
+    def queue_key(self, req: RequestFeatures, arrived_s: float, now: float) -> float:
+        """Which held request the gateway's queue should offer a freed replica first (lowest).
+
+        Earliest TTFT deadline first while a request can still meet it; one that has missed it
+        is a miss whatever happens next, so it steps back behind those that can still be saved
+        until it has waited `queue_age_s`, then comes first (its deadline is then the oldest):
+        goodput from the deadline order, a bounded tail from the aging. Without `queue_age_s`,
+        arrival order (FIFO).
+        """
+        if self.queue_age_s is None:
+            return arrived_s
+        deadline = arrived_s + self.slo_ttft_s + self.slo_ttft_per_token_s * req.prompt_tokens
+        if self._fast_at != now:  # the fastest replica's prefill time per token, once per drain
+            self._fast_at = now
+            self._fast = min((e[4] for e in self._entries.values() if e[13]), default=0.0)
+        if now + req.prompt_tokens * self._fast < deadline:  # it can still make it
+            return deadline
+        return arrived_s + self.queue_age_s
 
     # -- the pick -------------------------------------------------------------------------------
 
@@ -930,10 +1007,14 @@ class Headroom(_Baseline):
             reason = "prefix-affinity" if best_x < p else "lowest-cost"
         elif not costs:
             return NO_REPLICAS
-        elif self.queue_when_saturated:
+        elif self.queue_when_saturated and (
+            self.hold_on_kv or not any(self._wait_ok(e, x + o, now, target) for _, x, e in costs)
+        ):
             return Decision(None, "saturated", scores)
         else:
-            _, best_x, best = min(costs, key=lambda c: c[0])
+            # fail open to the lowest cost, among healthy replicas while there are any
+            healthy = [c for c in costs if c[2][16] is None or c[2][16].healthy]
+            _, best_x, best = min(healthy or costs, key=lambda c: c[0])
             reason = "fail-open"
         rid = best[0].replica_id
         q = max(max(0.0, best[2] - now * best[3]) + best[5], best[15])
@@ -955,6 +1036,10 @@ class Headroom(_Baseline):
         lr = self._rep[rid]
         lr.mean_uncached = uncached if lr.mean_uncached is None else lr.mean_uncached
         lr.mean_uncached += 0.1 * (uncached - lr.mean_uncached)
+        out = float(req.expected_output_tokens)
+        lr.mean_output = (
+            out if lr.mean_output is None else lr.mean_output + 0.1 * (out - lr.mean_output)
+        )
         if req.prompt_tokens > 0:
             lr.uncached_frac += 0.1 * (uncached / req.prompt_tokens - lr.uncached_frac)
             whole = req.prompt_tokens + req.expected_output_tokens

@@ -113,14 +113,50 @@ def fleet_saturation_rate(
     gpu_memory_utilization: float = 0.9,
     completions: int = 400,
     use_cache: bool = True,
+    dry: bool = False,
 ) -> float:
-    """Load 1.0 in requests per second: the sum of each replica's saturation rate."""
+    """Load 1.0 in requests per second: the sum of each replica's saturation rate.
+
+    With `dry`, only what is cached (in memory or on disk) is used: LookupError if a rate would
+    have to be measured (callers that calibrate many kinds in parallel ask first)."""
     total = 0.0
     for spec in fleet.replicas:
         total += _cached_rate(
-            spec, workload, trace_file, gpu_memory_utilization, completions, use_cache
+            spec, workload, trace_file, gpu_memory_utilization, completions, use_cache, dry
         )
     return total
+
+
+def store_rate(
+    spec: ReplicaSpec,
+    workload: str,
+    rate: float,
+    *,
+    trace_file: str | None = None,
+    gpu_memory_utilization: float = 0.9,
+    completions: int = 400,
+) -> None:
+    """Record a rate measured elsewhere (e.g. in a worker process) as if measured here:
+    `replica_saturation_rate(spec, workload, completions=completions, warmup=completions // 4)`."""
+    key = _key(spec, workload, trace_file, gpu_memory_utilization, completions)
+    _memo[key] = rate
+    _write(key, rate)
+
+
+def _write(key: str, rate: float) -> None:
+    path = cache_path()
+    try:
+        disk: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        disk = {}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        disk[key] = rate
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(disk, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home is no reason to fail a run
 
 
 def _cached_rate(
@@ -130,6 +166,7 @@ def _cached_rate(
     util: float,
     completions: int,
     use_cache: bool,
+    dry: bool = False,
 ) -> float:
     key = _key(spec, workload, trace_file, util, completions)
     if key in _memo:
@@ -144,6 +181,8 @@ def _cached_rate(
     if use_cache and key in disk:
         _memo[key] = float(disk[key])
         return _memo[key]
+    if dry:
+        raise LookupError(key)
     rate = replica_saturation_rate(
         spec,
         workload,
@@ -154,12 +193,5 @@ def _cached_rate(
     )
     _memo[key] = rate
     if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            disk[key] = rate
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(disk, indent=1, sort_keys=True))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home is no reason to fail a run
+        _write(key, rate)
     return rate

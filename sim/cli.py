@@ -78,6 +78,11 @@ def routing_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.add_argument("--markdown", help="also write the tables to this file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-early-stop",
+        action="store_true",
+        help="run every capacity probe to the end (the outcome is the same, only slower)",
+    )
     return p
 
 
@@ -99,7 +104,13 @@ def run_routing(argv: list[str]) -> int:
     args = routing_parser().parse_args(argv)
     from sim.fleets import parse_fleet
     from sim.report import capacity_table, markdown_table, plot, write_json
-    from sim.routing import Scenario, find_capacity, mean_over_seeds, run_jobs
+    from sim.routing import (
+        Scenario,
+        find_capacity,
+        mean_over_seeds,
+        run_jobs,
+        seed_stop_bound,
+    )
     from sim.simulator import SimConfig
     from sim.slo import load_slos, slo_for
 
@@ -141,10 +152,12 @@ def run_routing(argv: list[str]) -> int:
         if args.find_capacity:
             task = prog.add_task("capacity search", total=None)
             seen: dict[tuple[str, float], dict[str, Any]] = {}
+            # a probe run stops once it is certain to fail the mean over the seeds
+            bound = None if args.no_early_stop else seed_stop_bound(slo.min_ratio, len(args.seeds))
 
             def goodput(probes: list[tuple[str, float]]) -> dict[tuple[str, float], float]:
                 todo = [(p, ld) for p, ld in probes if (p, ld) not in seen]
-                jobs = [(sc, p, ld, s) for p, ld in todo for s in args.seeds]
+                jobs = [(sc, p, ld, s, bound) for p, ld in todo for s in args.seeds]
                 prog.update(task, total=(prog.tasks[task].total or 0) + len(jobs))
                 for r in mean_over_seeds(
                     run_jobs(jobs, workers=workers, on_done=lambda _: prog.advance(task))
@@ -204,18 +217,16 @@ def main(argv: list[str]) -> int:
         print(
             "usage: kvpilot sim routing|autoscale [ARGS...]\n\n"
             "  routing     compare routing policies on a simulated fleet\n"
-            "  autoscale   compare autoscaling policies (not yet)"
+            "  autoscale   compare autoscaling policies on a simulated day"
         )
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "routing":
         return run_routing(rest)
     if cmd == "autoscale":
-        print(
-            "kvpilot sim autoscale: not yet implemented (the autoscaling benchmark is a later issue)",
-            file=sys.stderr,
-        )
-        return 2
+        from sim.autoscale import main as run_autoscale
+
+        return run_autoscale(rest)
     print(
         f"kvpilot sim: unknown subcommand {cmd!r}; expected routing or autoscale", file=sys.stderr
     )

@@ -17,7 +17,7 @@ from typing import Any
 from sim.calibrate import fleet_saturation_rate
 from sim.fleets import FleetSpec
 from sim.metrics import summarise
-from sim.simulator import SimConfig, Simulation
+from sim.simulator import EarlyStop, SimConfig, Simulation
 from sim.slo import Slo
 from sim.traces import make_trace
 
@@ -46,8 +46,18 @@ class Scenario:
         )
 
 
-def run_one(scenario: Scenario, policy: str, load: float, seed: int) -> dict[str, Any]:
-    """One simulation; a flat row of its metrics."""
+def run_one(
+    scenario: Scenario,
+    policy: str,
+    load: float,
+    seed: int,
+    stop_below: float | None = None,
+) -> dict[str, Any]:
+    """One simulation; a flat row of its metrics.
+
+    With `stop_below`, a capacity probe: the run stops as soon as its goodput is certain to be
+    under that bound (`stopped_early` in the row; its `goodput_ratio` is then the upper bound
+    reached, and the other metrics cover the part that ran)."""
     from gateway.picker import make_policy
 
     rate = load * scenario.saturation_rps()
@@ -56,9 +66,12 @@ def run_one(scenario: Scenario, policy: str, load: float, seed: int) -> dict[str
     )
     pol = make_policy(policy, seed=seed, **policy_options(scenario, policy))
     sim = Simulation(scenario.fleet.replicas, pol, replace(scenario.config, seed=seed))
-    records = sim.run(trace)
+    stop = None
+    if stop_below is not None:
+        stop = EarlyStop(scenario.slo, stop_below, scenario.warmup)
+    records = sim.run(trace, stop=stop)
     m = summarise(sim, records, scenario.slo, scenario.warmup)
-    return {
+    row = {
         "kind": "load",
         "workload": scenario.workload,
         "fleet": scenario.fleet.name,
@@ -67,7 +80,22 @@ def run_one(scenario: Scenario, policy: str, load: float, seed: int) -> dict[str
         "seed": seed,
         "rate_rps": rate,
         **m.as_dict(),
+        "stopped_early": sim.stopped_early,
     }
+    if sim.stopped_early:
+        n = sim._measured
+        row["goodput_ratio"] = (n - len(sim._missed)) / n
+        row["sim_end_s"] = sim.now
+    return row
+
+
+def seed_stop_bound(threshold: float, seeds: int) -> float:
+    """The per-seed goodput under which a probe fails whatever the other seeds give.
+
+    Capacity compares the mean goodput over `seeds` runs with `threshold`: one run under
+    threshold x seeds - (seeds - 1) fails the mean even if every other run is perfect, so stopping
+    it there changes no outcome."""
+    return threshold * seeds - (seeds - 1)
 
 
 def policy_options(scenario: Scenario, policy: str) -> dict[str, Any]:
@@ -77,6 +105,8 @@ def policy_options(scenario: Scenario, policy: str) -> dict[str, Any]:
     if policy == "headroom":
         slo = scenario.slo
         opts = {
+            # the gateway's default (gateway.queue_when_saturated): hold rather than fail open
+            "queue_when_saturated": True,
             "slo_ttft_s": slo.ttft_s,
             "slo_ttft_per_token_s": slo.ttft_per_1k_s / 1000.0,
             "slo_tpot_s": slo.tpot_s,
@@ -85,12 +115,15 @@ def policy_options(scenario: Scenario, policy: str) -> dict[str, Any]:
     return opts
 
 
-def _run_job(job: tuple[Scenario, str, float, int]) -> dict[str, Any]:
+Job = tuple  # (scenario, policy, load, seed[, stop_below])
+
+
+def _run_job(job: Job) -> dict[str, Any]:
     return run_one(*job)
 
 
 def run_jobs(
-    jobs: Sequence[tuple[Scenario, str, float, int]],
+    jobs: Sequence[Job],
     *,
     workers: int = 1,
     on_done: Callable[[dict[str, Any]], None] | None = None,
@@ -160,6 +193,7 @@ def mean_over_seeds(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [float(r[k]) for r in rs if r.get(k) is not None and not math.isnan(float(r[k]))]
             row[k] = mean(vals) if vals else math.nan
         row["slo_miss_ratio"] = 1.0 - row["goodput_ratio"]
+        row["stopped_early"] = sum(1 for r in rs if r.get("stopped_early"))
         out.append(row)
     return out
 
@@ -180,11 +214,14 @@ def find_capacity(
     max_load: float = 4.0,
     tolerance: float = 0.03,
     on_round: Callable[[int], None] | None = None,
+    brackets: dict[str, tuple[float, float | None]] | None = None,
 ) -> dict[str, float]:
     """Highest load meeting `threshold` per policy: grow by doubling until a miss, then bisect.
 
     All policies advance in lock step, so each round's probes (`goodput` gets them as one batch)
     can run in parallel. Returns the highest load seen to meet the threshold (0.0 if none).
+    `brackets`, when given, is kept up to date with each policy's (lo, hi) after every round, so
+    a caller that stops the search (a wall-clock guard) still knows where each stood.
     """
     state = {p: _Search() for p in policies}
     rounds = 0
@@ -216,3 +253,5 @@ def find_capacity(
                 s.lo = load
             else:
                 s.hi = load
+            if brackets is not None:
+                brackets[p] = (s.lo, s.hi)

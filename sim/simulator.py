@@ -47,6 +47,23 @@ class SimConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop a run once its goodput is certain to fall below `goodput_below`.
+
+    A measured request (arrived at or after `warmup_s`) is a certain SLO miss once its TTFT
+    target has passed without a first token, its first token came late, its TPOT came out over
+    the target, or it failed. Goodput can then be at most (measured - misses) / measured; once
+    that bound is under `goodput_below` the outcome of a pass/fail probe is decided and the rest
+    of the run (often minutes of draining an overloaded fleet) is skipped. Exact by construction:
+    a run stopped early would have ended below the bound too.
+    """
+
+    slo: object  # sim.slo.Slo (ttft_target(prompt_tokens), tpot_s)
+    goodput_below: float
+    warmup_s: float = 0.0
+
+
 @dataclass(slots=True)
 class RequestRecord:
     req: SimRequest
@@ -114,6 +131,7 @@ def _rate_seed(engine: object, spec: ReplicaSpec, gpu_memory_utilization: float)
         chunk_tokens=spec.max_num_batched_tokens,
         block_size=BLOCK_TOKENS,
         gpu_memory_utilization=gpu_memory_utilization,
+        max_num_seqs=spec.max_num_seqs,
     )
 
 
@@ -145,6 +163,11 @@ class Simulation:
         self.preemptions = 0
         self.retired: list[Replica] = []
         self._hash_seed: dict[str, int] = {}
+        self.stopped_early = False  # run() ended by its EarlyStop
+        self._stop: EarlyStop | None = None
+        self._measured = 0
+        self._missed: set[str] = set()
+        self._deadlines: list[tuple[float, str]] = []
         for spec in replicas:
             self.join(spec, 0.0)
 
@@ -211,14 +234,26 @@ class Simulation:
         heapq.heappush(self.heap, (t, kind, next(self._seq), payload))
 
     def run(
-        self, trace: Sequence[SimRequest], direct: Sequence[tuple[str, SimRequest]] = ()
+        self,
+        trace: Sequence[SimRequest],
+        direct: Sequence[tuple[str, SimRequest]] = (),
+        *,
+        stop: EarlyStop | None = None,
     ) -> list[RequestRecord]:
         """Route `trace` through the gateway; `direct` requests go straight to the named replica
-        (traffic this gateway does not see: another gateway replica, a client on the pod IP)."""
+        (traffic this gateway does not see: another gateway replica, a client on the pod IP).
+        With `stop`, the run ends as soon as its goodput is certain to be under the bound
+        (`stopped_early`); the records are then partial."""
+        self._stop = stop
         for req in trace:
             rec = RequestRecord(req)
             self.records[req.request_id] = rec
             self._push(req.arrival_s + self.config.client_latency_s, _ARRIVE, rec)
+            if stop is not None and req.arrival_s >= stop.warmup_s:
+                self._measured += 1
+                target = stop.slo.ttft_target(req.prompt_tokens)  # type: ignore[attr-defined]
+                self._deadlines.append((req.arrival_s + target, req.request_id))
+        heapq.heapify(self._deadlines)
         for rid, req in direct:
             rec = RequestRecord(req, replica=rid, direct=True)
             self.records[req.request_id] = rec
@@ -245,6 +280,9 @@ class Simulation:
                     break
             elif kind == _SCRAPE:
                 self._scrape(t)
+                if self._stop is not None and self._decided(t):
+                    self.stopped_early = True
+                    break
             elif kind == _STATE:
                 self._state(payload)  # type: ignore[arg-type]
             elif kind == _ARRIVE:
@@ -261,6 +299,23 @@ class Simulation:
         self.end_s = max(self.end_s, self.now)
         # requests never answered: censor at the end of the run
         return list(self.records.values())
+
+    # ------------------------------------------------------------------ early stop
+    def _miss(self, rec: RequestRecord) -> None:
+        if not rec.direct and rec.req.arrival_s >= self._stop.warmup_s:  # type: ignore[union-attr]
+            self._missed.add(rec.req.request_id)
+
+    def _decided(self, now: float) -> bool:
+        """True once the goodput bound is under the EarlyStop's (checked at every scrape)."""
+        dl = self._deadlines
+        records = self.records
+        while dl and dl[0][0] < now:
+            _, rid = heapq.heappop(dl)
+            if records[rid].first_token_s is None:  # its first token can only come later
+                self._missed.add(rid)
+        n = self._measured
+        stop = self._stop
+        return n > 0 and (n - len(self._missed)) / n < stop.goodput_below  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ gateway
     def _views(self) -> list:
@@ -319,9 +374,24 @@ class Simulation:
         return True
 
     def _drain_queue(self) -> None:
+        """Offer freed capacity to held requests, as the gateway's queue does: the first in the
+        policy's queue order (`queue_key`, else arrival), and stop at the first that still gets
+        no replica (nobody behind it jumps ahead)."""
         q = self.queue
-        while q and self._try_dispatch(q[0]):
-            q.popleft()
+        key = getattr(self.policy, "queue_key", None)
+        if key is None or len(q) <= 1:
+            while q and self._try_dispatch(q[0]):
+                q.popleft()
+            return
+        while q:
+            now = self.now
+            for rec in q:
+                if rec.features is None:
+                    rec.features = self._features(rec)
+            i = min(range(len(q)), key=lambda j: key(q[j].features[0], q[j].req.arrival_s, now))
+            if not self._try_dispatch(q[i]):
+                return
+            del q[i]
 
     # ------------------------------------------------------------------ replicas
     def _deliver(self, rec: RequestRecord) -> None:
@@ -377,6 +447,11 @@ class Simulation:
                     continue
                 rec.first_token_s = now + lat
                 rec.cached_tokens = o.num_cached_tokens
+                stop = self._stop
+                if stop is not None and now + lat - rec.req.arrival_s > stop.slo.ttft_target(  # type: ignore[attr-defined]
+                    rec.req.prompt_tokens
+                ):
+                    self._miss(rec)
                 self.ledger.first_token(r.replica_id, o.request_id, now)
                 ttft = now - (rec.dispatched_s or now) - self.config.net_latency_s
                 r.ttft_sum += ttft
@@ -398,6 +473,10 @@ class Simulation:
         self.ledger.finish(r.replica_id, rec.req.request_id, now)
         feats = rec.features[0]  # type: ignore[index]
         rec.features = None  # keep memory flat over long runs
+        if self._stop is not None and (
+            rec.error is not None or (rec.tpot_s or 0.0) > self._stop.slo.tpot_s  # type: ignore[attr-defined]
+        ):
+            self._miss(rec)
         if rec.error is None and not rec.direct:
             tpot = rec.tpot_s
             if rec.generated > 1 and tpot is not None:

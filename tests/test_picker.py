@@ -572,3 +572,82 @@ def test_headroom_counts_only_the_uncached_part_of_a_prefix_holders_queue() -> N
     # eight of them are still queued there: 32,800 prompt tokens, but only ~800 uncached ones
     views = [view("a"), view("b", InFlight(requests=8, prefill_tokens=8 * 4100))]
     assert pol.pick(req("x", 4100, hashes=hashes), views, 100.0).replica_id == "b"
+
+
+# -- holding at the gateway: real headroom, the queue's order, the projected KV demand -------
+
+
+def test_headroom_holds_only_when_no_replica_has_real_headroom() -> None:
+    """With the wait limit, a request is held (None) when every replica's predicted wait behind
+    its queue is over it; a KV misfit alone, with hold_on_kv=False, fails open instead."""
+    pol = make_policy("headroom", queue_when_saturated=True, max_wait_ratio=1.0)
+    long_q = [view("a", waiting=40, running=10), view("b", waiting=40, running=10)]
+    d = pol.pick(req(prompt=256), long_q, 100.0)
+    assert d.replica_id is None and d.reason == "saturated"
+    ok = [*long_q, view("c", waiting=0, running=10)]
+    assert pol.pick(req(rid="q2", prompt=256), ok, 100.0).replica_id == "c"
+    # a request too big for any free KV: held by default, sent to the lowest cost without
+    # hold_on_kv (the engine queues it itself; it would block the gateway queue's head)
+    full = [view("a", kv=0.8, blocks=100), view("b", kv=0.8, blocks=100)]
+    assert pol.pick(req(rid="q3", prompt=900), full, 100.0).replica_id is None
+    lax = make_policy("headroom", queue_when_saturated=True, hold_on_kv=False)
+    assert lax.pick(req(rid="q4", prompt=900), full, 100.0).reason == "fail-open"
+
+
+def test_headroom_queue_order_is_deadline_first_with_aging() -> None:
+    pol = make_policy("headroom", slo_ttft_s=1.0, slo_ttft_per_token_s=0.001, queue_age_s=10.0)
+    chat, doc = req(prompt=100), req(prompt=4000)
+    # both can still make it: the earlier deadline first (the chat's, though it came later)
+    assert pol.queue_key(chat, 100.5, 101.0) < pol.queue_key(doc, 100.0, 101.0)
+    # the chat missed its deadline: it steps back behind the document that can still make it
+    assert pol.queue_key(chat, 100.0, 101.5) > pol.queue_key(doc, 100.0, 101.5)
+    # ... until it has waited queue_age_s: then it comes before a fresh request's deadline
+    assert pol.queue_key(chat, 100.0, 110.5) < pol.queue_key(req(prompt=100), 110.4, 110.5)
+    fifo = make_policy("headroom", queue_age_s=None)
+    assert fifo.queue_key(doc, 100.0, 101.5) == 100.0
+
+
+def test_ledger_demand_counts_every_in_flight_request_until_it_finishes() -> None:
+    led = InFlightLedger()
+    led.start("a", req(rid="x", prompt=160, out=160), 1.0, block_size=16)
+    led.start("a", req(rid="y", prompt=320, out=64), 1.0, block_size=16)
+    demand = led.get("a").demand_blocks
+    assert demand == led.get("a").kv_blocks == 20 + 24
+    led.observed("a", 2.0)  # acked: the unacked blocks go, the demand stays
+    assert led.get("a").kv_blocks == 0 and led.get("a").demand_blocks == demand
+    led.finish("a", "x", 3.0)
+    assert led.get("a").demand_blocks == 24
+
+
+def test_headroom_demand_max_avoids_a_replica_whose_decodes_will_fill_its_cache() -> None:
+    """Two replicas look equally empty, but the gateway has long generations in flight on one:
+    with demand_max its projected KV need counts, and the new request goes to the other."""
+    pol = make_policy("headroom", demand_max=1.0)
+    led = InFlightLedger()
+    for i in range(8):
+        led.start("a", req(rid=f"long{i}", prompt=100, out=2000), 1.0, block_size=16)
+    led.observed("a", 2.0)
+    views = [view("a", led.get("a"), blocks=1000), view("b", blocks=1000)]
+    assert pol.pick(req(rid="new", prompt=500, out=500), views, 100.0).replica_id == "b"
+
+
+def test_headroom_sees_the_wait_of_an_admission_blocked_replica() -> None:
+    """A replica at its batch cap (or with a nearly full cache) admits a waiting request only
+    as a running one finishes: its short prompts do not make its queue short."""
+    seed = RateSeed(prefill_tokens_per_s=30_000, decode_step_s=0.02, decode_step_base_s=0.01,
+                    max_num_seqs=32)  # fmt: skip
+    pol = make_policy("headroom", max_wait_ratio=None)
+    views = [
+        view("capped", waiting=8, running=32, profile=seed),
+        view("free", waiting=0, running=20, profile=L4),
+    ]
+    for i in range(3):  # the mean output it learns for the replicas: long generations
+        pol.pick(req(rid=f"w{i}", prompt=100, out=1000), views, 100.0)
+    d = pol.pick(
+        req(rid="q", prompt=100, out=1000),
+        views,
+        100.0,
+    )
+    assert d.replica_id == "free"
+    off = make_policy("headroom", max_wait_ratio=None, kv_blocked=None)
+    assert off.pick(req(rid="q", prompt=100, out=1000), views, 100.0).replica_id == "capped"
