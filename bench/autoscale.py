@@ -5,7 +5,7 @@ Llama-3.1-8B, ShareGPT-like requests, demand of 2-10 replicas plus bursts; each 
 over its main target, kvpilot at its defaults), and writes JSON, a plot and a markdown table to
 out/ (git-ignored). Prints the machine it ran on for docs/benchmarks.md.
 
-    .venv/bin/python bench/autoscale.py [--seeds 1,2] [--duration 3600] [--workers 2]
+    .venv/bin/python bench/autoscale.py [--seeds 1,2,3] [--duration 3600] [--workers 16]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--duration", default="3600")
-    ap.add_argument("--workers", default=str(min(4, os.cpu_count() or 1)))
+    ap.add_argument("--workers", default=str(os.cpu_count() or 1))
     ap.add_argument("--out", default="out")
     args, rest = ap.parse_known_args()
     out = Path(args.out)

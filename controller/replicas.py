@@ -2,9 +2,13 @@
 
 Reactive part: the Kubernetes HPA algorithm on a per-replica *saturation* (max of queue, KV-cache
 and batch against their targets), including its rules for missing metrics and not-ready replicas,
-its tolerance, its scale-up rate limits and its scale-down stabilization window. On top: a panic
-mode (no scale-down during a sudden overload), optional scale to zero, and a demand forecast that
-raises the floor when demand is trending up faster than replicas can start.
+its tolerance, its scale-up rate limits and its scale-down stabilization window, held at a target
+utilization below saturation 1 (headroom for bursts no new replica can start in time for). On
+top: a panic mode (no scale-down during a sudden overload), optional scale to zero, a step margin
+and a scale-down tolerance (fewer, larger actions), and a demand forecast (the pool's tokens/s
+averaged over a minute, Holt's damped trend carried over the provisioning lead time, divided by
+the learned capacity of a replica) that raises the floor when demand trends up faster than
+nodes and replicas can start, and keeps the pool from shrinking below what it will need.
 
 The live controller and the simulator call the same `ReplicaAutoscaler.decide(obs, now)`; the
 autoscaler keeps only its own small history (recommendations, scale-ups, forecast state).
@@ -99,11 +103,35 @@ def hpa_replicas(
 
 
 @dataclass
+class Ewma:
+    """Exponentially weighted moving average in continuous time (time constant `tau_s`), so that
+    samples at any cadence (every scrape, or every decision) smooth the same way."""
+
+    tau_s: float
+    value: float | None = None
+    last_t: float | None = None
+
+    def update(self, x: float, now: float) -> float:
+        if self.value is None or self.last_t is None:
+            self.value, self.last_t = x, now
+            return x
+        dt = now - self.last_t
+        if dt > 0:
+            a = 1.0 - math.exp(-dt / self.tau_s) if self.tau_s > 0 else 1.0
+            self.value += a * (x - self.value)
+            self.last_t = now
+        return self.value
+
+
+@dataclass
 class Holt:
-    """Holt's double exponential smoothing: a level and a trend, for forecasting demand."""
+    """Holt's double exponential smoothing: a level and a trend, for forecasting demand. With a
+    finite `damping_s` the trend fades with that time constant over the horizon (Gardner's damped
+    trend), so a short rise is not carried at full slope over a long lead time."""
 
     alpha: float = 0.5
     beta: float = 0.3
+    damping_s: float = math.inf
     level: float | None = None
     trend: float = 0.0  # per second
     last_t: float | None = None
@@ -115,28 +143,66 @@ class Holt:
         dt = now - self.last_t
         if dt <= 0:
             return
-        predicted = self.level + self.trend * dt
+        predicted = self.level + self._carry(dt)
         level = self.alpha * value + (1 - self.alpha) * predicted
         self.trend = self.beta * (level - self.level) / dt + (1 - self.beta) * self.trend
         self.level, self.last_t = level, now
 
+    def _carry(self, horizon_s: float) -> float:
+        if math.isinf(self.damping_s):
+            return self.trend * horizon_s
+        return self.trend * self.damping_s * (1.0 - math.exp(-horizon_s / self.damping_s))
+
     def forecast(self, horizon_s: float) -> float | None:
         if self.level is None:
             return None
-        return max(0.0, self.level + self.trend * horizon_s)
+        return max(0.0, self.level + self._carry(horizon_s))
 
 
 @dataclass
 class ReplicaAutoscaler:
-    """One pool's autoscaler. `decide(obs, now)` is deterministic given the calls before it."""
+    """One pool's autoscaler. `decide(obs, now)` is deterministic given the calls before it.
+
+    `observe(states, now)` may be called between decisions (every agent update) so the demand
+    average sees every scrape; `decide` observes its own states too.
+    """
 
     cfg: PoolScalingConfig
     _recs: deque[tuple[float, int]] = field(default_factory=deque)
     _ups: deque[tuple[float, int]] = field(default_factory=deque)  # (time, replicas added)
     _panic_until: float = -math.inf
     _busy_at: float | None = None  # last time the pool had any work
-    _demand: Holt = field(default_factory=Holt)  # tokens/s, whole pool
+    _tokens: Ewma | None = None  # pool tokens/s (prompt + generation), smoothed
+    _load: Ewma | None = None  # pool saturation (sum over replicas), smoothed the same way
+    _demand: Holt | None = None  # level and trend of the smoothed tokens/s
     _capacity: float | None = None  # tokens/s one replica serves at saturation 1, learned
+    _observed_at: float | None = None
+    _first_observed: float | None = None
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self._tokens = Ewma(cfg.demand_window_s)
+        self._load = Ewma(cfg.demand_window_s)
+        self._demand = Holt(cfg.trend_alpha, cfg.trend_beta, cfg.trend_damping_s)
+        if cfg.capacity_tokens_per_s > 0:
+            self._capacity = cfg.capacity_tokens_per_s
+
+    def observe(self, states: Sequence[ReplicaState], now: float) -> None:
+        """Fold one set of replica states into the smoothed demand (no decision)."""
+        cfg = self.cfg
+        if not cfg.forecast or (self._observed_at is not None and now <= self._observed_at):
+            return
+        fresh = [s for s in states if s.healthy and s.age(now) <= cfg.stale_after_s]
+        if not fresh:
+            return
+        self._observed_at = now
+        if self._first_observed is None:
+            self._first_observed = now
+        assert self._tokens is not None and self._load is not None
+        self._tokens.update(
+            sum(s.prompt_tokens_per_s + s.generation_tokens_per_s for s in fresh), now
+        )
+        self._load.update(sum(saturation(s, cfg) for s in fresh), now)
 
     def decide(self, obs: PoolObservation, now: float) -> Decision:
         cfg = self.cfg
@@ -165,11 +231,16 @@ class ReplicaAutoscaler:
 
         sats = [saturation(s, cfg) for s in fresh]
         mean_sat = sum(sats) / len(sats)
-        self._learn(fresh, sats, now)
+        self.observe(obs.states, now)
+        self._learn(len(fresh), now)
         missing = max(0, current - len(fresh) - unhealthy)
+        # The HPA on saturation against the target utilization (headroom for bursts a new
+        # replica cannot start in time for).
+        u = cfg.target_utilization
         reactive = hpa_replicas(
-            current, sats, missing=missing, unready=unhealthy, tolerance=cfg.tolerance
-        )
+            current, [x / u for x in sats], missing=missing, unready=unhealthy,
+            tolerance=cfg.tolerance,
+        )  # fmt: skip
         if mean_sat >= cfg.panic_threshold:
             self._panic_until = now + cfg.panic_hold_s
         panic = now < self._panic_until
@@ -179,6 +250,9 @@ class ReplicaAutoscaler:
         reason = f"saturation {mean_sat:.2f} over {len(fresh)} replicas"
         if forecast is not None and forecast > raw and (missing == 0 or forecast > current):
             raw, reason = forecast, f"forecast {forecast} replicas in {cfg.lead_time_s:.0f}s"
+        if raw > current and cfg.scale_up_margin > 0:
+            # Step past the need, so the next step up comes later: fewer, larger actions.
+            raw = math.ceil(raw * (1 + cfg.scale_up_margin))
         to_zero = False
         if cfg.scale_to_zero and cfg.min_replicas == 0 and not busy:
             idle_for = now - (self._busy_at or now)
@@ -219,6 +293,10 @@ class ReplicaAutoscaler:
             desired = min(current, window_max)
             if panic:
                 desired, reason = current, reason + "; panic mode holds"
+            elif desired > math.floor(current * (1 - cfg.scale_down_tolerance)):
+                # Hysteresis: step down only for a real drop, in one action, not one replica
+                # at a time as the window's maximum decays.
+                desired, reason = current, reason + "; within scale-down tolerance"
             elif desired > raw:
                 reason += f"; stabilizing at {desired}"
         if desired > current:
@@ -233,23 +311,33 @@ class ReplicaAutoscaler:
         by_percent = math.ceil(start * (1 + cfg.scale_up_percent / 100))
         return max(by_percent, start + cfg.scale_up_pods, current)
 
-    def _learn(self, fresh: Sequence[ReplicaState], sats: Sequence[float], now: float) -> None:
-        if not self.cfg.forecast:
+    def _learn(self, n_fresh: int, now: float) -> None:
+        cfg = self.cfg
+        if not cfg.forecast or self._tokens is None or self._tokens.value is None:
             return
-        demand = sum(s.prompt_tokens_per_s + s.generation_tokens_per_s for s in fresh)
-        self._demand.update(demand, now)
-        # A replica's capacity is what it serves at saturation 1; learn it only from replicas
-        # busy enough that throughput says something about their limit.
-        for s, sat in zip(fresh, sats, strict=True):
-            tps = s.prompt_tokens_per_s + s.generation_tokens_per_s
-            if sat >= 0.5 and tps > 0:
-                est = tps / sat
-                self._capacity = est if self._capacity is None else 0.8 * self._capacity + 0.2 * est
+        assert self._demand is not None and self._load is not None
+        if self._first_observed is None or now - self._first_observed < cfg.demand_window_s:
+            return  # the averages are still filling: a "trend" now is only their warm-up
+        tokens, load = self._tokens.value, self._load.value or 0.0
+        self._demand.update(tokens, now)
+        # Capacity = tokens/s per unit of saturation, from the two smoothed sums: learned only
+        # while replicas are busy enough for throughput to say something about their limit, and
+        # slowly, so one burst or one idle minute does not move it much.
+        if load > 0 and tokens > 0 and load / n_fresh >= cfg.capacity_min_saturation:
+            est = tokens / load
+            if self._capacity is None:
+                self._capacity = est
+            else:
+                self._capacity += cfg.capacity_learn_rate * (est - self._capacity)
 
     def _forecast_replicas(self) -> int | None:
-        if not self.cfg.forecast or not self._capacity:
+        if not self.cfg.forecast or not self._capacity or self._demand is None:
             return None
         demand = self._demand.forecast(self.cfg.lead_time_s)
         if demand is None:
             return None
-        return math.ceil(demand / self._capacity)
+        # What the pool serves now, or what it will serve at the lead time, whichever is more.
+        demand = max(demand, self._demand.level or 0.0)
+        per_replica = self._capacity * self.cfg.target_utilization
+        # Never more than max_replicas: placeholders for replicas that may not exist waste GPUs.
+        return min(self.cfg.max_replicas, math.ceil(demand / per_replica - self.cfg.tolerance))

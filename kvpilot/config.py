@@ -107,6 +107,12 @@ class GatewayConfig:
     queue_when_saturated: bool = (
         True  # headroom holds requests when no replica fits (else fail open)
     )
+    workers: int = 1  # processes sharing the listen port (SO_REUSEPORT), each with its own account
+    # The SLO headroom routes and releases held requests by (gateway/picker.py's defaults):
+    # TTFT target = ttft_target_s + ttft_per_1k_tokens_s x prompt tokens / 1000.
+    ttft_target_s: float = 1.0
+    ttft_per_1k_tokens_s: float = 0.2
+    tpot_target_s: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,9 @@ class PoolScalingConfig:
     kv_target: float = 0.8  # KV-cache usage per replica
     batch_target: float = 48.0  # running requests per replica
     tolerance: float = 0.1
+    target_utilization: float = 0.6  # saturation to hold: the rest is headroom for bursts
+    scale_up_margin: float = 0.1  # a scale-up goes this much past the need (fewer actions)
+    scale_down_tolerance: float = 0.2  # scale down only below (1 - this) x current replicas
     scale_up_percent: float = 100.0  # per scale_up_period_s ...
     scale_up_pods: int = 4  # ... or this many pods, whichever is larger
     scale_up_period_s: float = 15.0
@@ -129,7 +138,14 @@ class PoolScalingConfig:
     idle_before_zero_s: float = 600.0
     stale_after_s: float = 30.0  # older replica states count as missing metrics
     forecast: bool = True
-    lead_time_s: float = 180.0  # replica start-up (+ node provisioning) the forecast looks ahead
+    lead_time_s: float = 720.0  # node provisioning + replica start-up the forecast looks ahead
+    demand_window_s: float = 60.0  # time constant of the pool's smoothed tokens/s and saturation
+    trend_alpha: float = 0.3  # Holt level smoothing, per decision
+    trend_beta: float = 0.1  # Holt trend smoothing, per decision
+    trend_damping_s: float = 1800.0  # the trend fades with this time constant over the lead time
+    capacity_tokens_per_s: float = 0.0  # one replica at saturation 1; 0 = learn it
+    capacity_min_saturation: float = 0.3  # learn capacity only from replicas at least this busy
+    capacity_learn_rate: float = 0.05  # per decision
     kind: Literal["Deployment", "StatefulSet", "LeaderWorkerSet"] = "Deployment"
     target: str = ""  # workload name; defaults to the pool name
     accelerators: tuple[str, ...] = ()  # accelerator pools this pool may grow into (planner picks)
@@ -303,6 +319,15 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"gateway.{key}: {getattr(gw, key)} is out of range")
     if not 0 <= gw.retry_budget_ratio <= 1:
         raise ConfigError(f"gateway.retry_budget_ratio: {gw.retry_budget_ratio} must be 0 to 1")
+    if not 1 <= gw.workers <= 64:
+        raise ConfigError(f"gateway.workers: {gw.workers} must be 1 to 64")
+    for key in ("ttft_target_s", "tpot_target_s"):
+        if not 0 < getattr(gw, key) <= 3600:
+            raise ConfigError(f"gateway.{key}: {getattr(gw, key)} must be > 0 and <= 3600 seconds")
+    if not 0 <= gw.ttft_per_1k_tokens_s <= 3600:
+        raise ConfigError(
+            f"gateway.ttft_per_1k_tokens_s: {gw.ttft_per_1k_tokens_s} must be 0 to 3600 seconds"
+        )
     for key in (
         "scrape_timeout_s",
         "stale_after_s",
@@ -348,6 +373,23 @@ def _check_controller(cfg: Config) -> None:
             raise ConfigError(f"{key}.tolerance: {s.tolerance} must be in [0, 1)")
         if s.kv_target > 1:
             raise ConfigError(f"{key}.kv_target: {s.kv_target} must be <= 1")
+        for k, lo, hi in (
+            ("target_utilization", 0.0, 1.0),
+            ("trend_alpha", 0.0, 1.0),
+            ("capacity_learn_rate", 0.0, 1.0),
+        ):
+            if not lo < getattr(s, k) <= hi:
+                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be in ({lo:g}, {hi:g}]")
+        if not 0 <= s.trend_beta <= 1 or not 0 <= s.scale_down_tolerance < 1:
+            raise ConfigError(
+                f"{key}: trend_beta must be in [0, 1] and scale_down_tolerance in [0, 1)"
+            )
+        for k in ("demand_window_s", "trend_damping_s"):
+            if getattr(s, k) <= 0:
+                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0 seconds")
+        for k in ("scale_up_margin", "lead_time_s", "capacity_tokens_per_s"):
+            if getattr(s, k) < 0:
+                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be >= 0")
 
 
 def _check_listen(key: str, value: str) -> None:

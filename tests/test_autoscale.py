@@ -160,3 +160,19 @@ def test_cli_writes_json_plot_and_table(tmp_path, monkeypatch, capsys) -> None: 
     assert png.stat().st_size > 1000
     assert "| kvpilot |" in md.read_text()
     assert "kvpilot:" in capsys.readouterr().out
+
+
+def test_scale_actions_count_only_within_the_day() -> None:
+    row = run_one(FAST, "kvpilot", 0, 1, replica_rps=1.2, log_decisions=True)
+    pre, end = FAST.preroll_s, FAST.preroll_s + FAST.duration_s
+    changes = [(t, a, b) for t, a, b, _ in row["_log"] if a != b]
+    assert row["scale_actions"] == sum(1 for t, _, _ in changes if pre <= t < end)
+
+
+def test_sweep_estimate_counts_rounds_of_workers() -> None:
+    from sim.autoscale import estimate_wall_s
+
+    one = estimate_wall_s(1, 1, 3600.0)
+    assert estimate_wall_s(16, 16, 3600.0) == pytest.approx(one)
+    assert estimate_wall_s(57, 16, 3600.0) == pytest.approx(4 * one)
+    assert estimate_wall_s(2, 1, 1800.0) == pytest.approx(one)

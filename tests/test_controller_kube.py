@@ -312,7 +312,16 @@ def loop_config(**controller: Any) -> Any:
                 }
             ],
             "controller": {
-                "pools": {"llama": {"min_replicas": 1, "max_replicas": 10, "forecast": False}},
+                # Plain HPA arithmetic (no utilisation target, no margin) keeps the sizes readable.
+                "pools": {
+                    "llama": {
+                        "min_replicas": 1,
+                        "max_replicas": 10,
+                        "forecast": False,
+                        "target_utilization": 1.0,
+                        "scale_up_margin": 0.0,
+                    }
+                },
                 **controller,
             },
         }

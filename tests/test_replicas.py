@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
 from controller.replicas import (
+    Ewma,
     Holt,
     PoolObservation,
     ReplicaAutoscaler,
@@ -16,8 +18,17 @@ from controller.replicas import (
 from kvpilot.config import PoolScalingConfig
 from kvpilot.signals import ReplicaState
 
+# The plain HPA: no utilization headroom, no step margin, no scale-down hysteresis, no forecast.
 CFG = PoolScalingConfig(
-    min_replicas=1, max_replicas=50, queue_target=4, kv_target=0.8, batch_target=40, forecast=False
+    min_replicas=1,
+    max_replicas=50,
+    queue_target=4,
+    kv_target=0.8,
+    batch_target=40,
+    forecast=False,
+    target_utilization=1.0,
+    scale_up_margin=0.0,
+    scale_down_tolerance=0.0,
 )
 
 
@@ -179,7 +190,18 @@ def test_holt_follows_a_linear_trend() -> None:
 
 
 def test_forecast_scales_up_ahead_of_a_ramp() -> None:
-    cfg = dataclasses.replace(CFG, forecast=True, lead_time_s=180, max_replicas=50)
+    # Undamped, lightly smoothed: the mechanism, on a ramp only 165 s long.
+    cfg = dataclasses.replace(
+        CFG,
+        forecast=True,
+        lead_time_s=180,
+        max_replicas=50,
+        demand_window_s=1.0,
+        trend_alpha=0.5,
+        trend_beta=0.3,
+        trend_damping_s=math.inf,
+        capacity_learn_rate=0.2,
+    )
     a = ReplicaAutoscaler(cfg)
     fc = ReplicaAutoscaler(dataclasses.replace(cfg, forecast=False))
     # Each replica serves 1000 tok/s at saturation 1 (running 40 = batch target).
@@ -201,3 +223,92 @@ def test_forecast_scales_up_ahead_of_a_ramp() -> None:
     # Demand in 180 s is about 5250 + 1800 = 7050 tok/s -> 8 replicas; the reactive answer lags.
     assert last.desired > last_plain.desired
     assert 7 <= last.forecast <= 10
+
+
+# --- kvpilot's defaults on top of the HPA ------------------------------------------------------
+
+
+def test_target_utilization_keeps_headroom() -> None:
+    # Saturation 0.9 on 4 replicas against a 0.6 utilization target: ratio 1.5 -> 6 replicas.
+    a = ReplicaAutoscaler(dataclasses.replace(CFG, target_utilization=0.6))
+    d = a.decide(PoolObservation(4, at_ratio(4, 0.9)), 1000.0)
+    assert (d.reactive, d.desired) == (6, 6)
+
+
+def test_scale_up_margin_steps_past_the_need() -> None:
+    a = ReplicaAutoscaler(dataclasses.replace(CFG, scale_up_margin=0.25))
+    d = a.decide(PoolObservation(4, at_ratio(4, 1.5)), 1000.0)
+    assert d.reactive == 6 and d.desired == 8  # ceil(6 * 1.25)
+
+
+def test_scale_down_tolerance_ignores_small_drops() -> None:
+    cfg = dataclasses.replace(CFG, scale_down_tolerance=0.3, scale_down_stabilization_s=0)
+    a = ReplicaAutoscaler(cfg)
+    # 10 -> 8 is a drop of 20 %: held.
+    assert a.decide(PoolObservation(10, at_ratio(10, 0.8)), 1000.0).desired == 10
+    # 10 -> 5 is a real drop: taken.
+    d = a.decide(PoolObservation(10, at_ratio(10, 0.5, observed_at=1015.0)), 1015.0)
+    assert d.desired == 5
+
+
+def test_ewma_smooths_in_continuous_time() -> None:
+    e = Ewma(60.0)
+    assert e.update(100.0, 0.0) == 100.0
+    v = e.update(200.0, 60.0)  # one time constant: 1 - 1/e of the way
+    assert v == pytest.approx(100.0 + 100.0 * (1 - math.exp(-1)))
+
+
+def test_damped_trend_carries_at_most_trend_times_damping() -> None:
+    h = Holt(alpha=0.5, beta=0.5, damping_s=300.0)
+    for t in range(0, 600, 15):
+        h.update(100.0 + 2.0 * t, float(t))
+    near, far = h.forecast(60.0), h.forecast(100_000.0)
+    assert near is not None and far is not None and h.level is not None
+    assert far - h.level <= h.trend * 300.0 + 1e-6
+    assert near < far
+
+
+def test_forecast_is_steady_on_noisy_token_rates() -> None:
+    # Constant demand (running 20 of 40 on 8 replicas) whose 1 s token rates swing 3x from one
+    # scrape to the next: fed every scrape, the forecast stays within one replica.
+    cfg = dataclasses.replace(CFG, forecast=True, lead_time_s=600, scale_down_stabilization_s=0)
+    a = ReplicaAutoscaler(cfg)
+    forecasts = []
+    for step in range(600):
+        t = 1000.0 + step
+        per = 200.0 if step % 2 else 600.0
+        states = [rs(i, running=20, generation_tokens_per_s=per, observed_at=t) for i in range(8)]
+        if step % 15:
+            a.observe(states, t)
+        else:
+            d = a.decide(PoolObservation(8, states), t)
+            if step >= 300 and d.forecast is not None:
+                forecasts.append(d.forecast)
+    assert forecasts and max(forecasts) - min(forecasts) <= 1
+    assert 3 <= min(forecasts) <= 5  # 8 replicas at saturation 0.5 -> 4 at saturation 1
+
+
+def test_config_rejects_bad_scaling_values(tmp_path) -> None:  # noqa: ANN001
+    from kvpilot.config import ConfigError, load_config
+
+    for bad in ("target_utilization: 0", "scale_down_tolerance: 1", "trend_damping_s: 0"):
+        f = tmp_path / "k.yaml"
+        f.write_text(
+            "pools:\n  - name: p\n    models: [m]\n    endpoints: [http://127.0.0.1:1]\n"
+            f"controller:\n  pools:\n    p:\n      {bad}\n"
+        )
+        with pytest.raises(ConfigError, match=bad.split(":")[0]):
+            load_config(str(f))
+
+
+def test_forecast_never_asks_past_max_replicas() -> None:
+    cfg = dataclasses.replace(CFG, forecast=True, max_replicas=6, capacity_tokens_per_s=100.0)
+    a = ReplicaAutoscaler(cfg)
+    d = None
+    for step in range(10):
+        t = 1000.0 + 15 * step
+        states = [
+            rs(i, running=20, generation_tokens_per_s=5000.0, observed_at=t) for i in range(4)
+        ]
+        d = a.decide(PoolObservation(4, states), t)
+    assert d is not None and d.forecast == 6
