@@ -1,15 +1,20 @@
 """What a proxy adds: the same wrk load against a fixed-answer backend, directly and through proxies.
 
-    .venv/bin/python bench/proxy.py [--duration 8] [--connections 32] [--rate 1000]
+    .venv/bin/python bench/proxy.py [--duration 5] [--repeat 3] [--workers 2] [--rate 1000]
 
-Targets (all on loopback): the backend itself (bench/fixed_backend.py), the kvpilot gateway
-(`kvpilot gateway`, headroom policy, one process), vllm-router (`--policy round_robin`, when
-installed) and nginx as a plain reverse proxy with upstream keep-alive (when installed). For each:
-  - max: requests/s with `--connections` connections, and p50/p99 latency;
+Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
+that the machine's load drifts over all of them alike): the backend itself
+(bench/fixed_backend.py), the kvpilot gateway (`kvpilot gateway`, headroom policy, one process,
+and with `--workers N` also N worker processes on one port), vllm-router (`--policy round_robin`,
+when installed) and nginx as a plain reverse proxy with upstream keep-alive (when installed). For
+each target and repetition:
+  - max: requests/s with `--connections` connections, p50/p99 latency, and the target's CPU time
+    per request (its whole process tree, user + system, from /proc);
   - paced: about `--rate` requests/s (wrk's `delay()` per connection), p50/p99 latency, so the
     added latency is read at a fixed load, not at saturation;
-  - stream (backend and gateway): each request streams `--chunks` SSE events; relayed chunks/s.
-Every run is bounded by `--duration` seconds (at most 15). Prints a Markdown table.
+  - stream (backend and gateways): each request streams `--chunks` SSE events; relayed chunks/s.
+Prints the medians over the repetitions with their range, and the gateway / vllm-router ratio of
+each repetition. Every run is bounded by `--duration` seconds (at most 15).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,12 +87,33 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: float = 0.0  # the target's CPU time per request (process tree, user + system)
 
 
-def wrk(url: str, lua: str, connections: int, duration: int, threads: int = 1) -> Result:
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (alive ones)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def wrk(
+    url: str, lua: str, connections: int, duration: int, pid: int | None = None, threads: int = 1
+) -> Result:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(lua)
         script = f.name
+    cpu0 = tree_cpu_s(pid) if pid else 0.0
     try:
         out = subprocess.run(
             [
@@ -106,14 +133,16 @@ def wrk(url: str, lua: str, connections: int, duration: int, threads: int = 1) -
         ).stdout
     finally:
         os.unlink(script)
+    cpu = (tree_cpu_s(pid) - cpu0) if pid else 0.0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
     m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errs = int(m.group(1)) if m else 0
     m = re.search(r"Socket errors:.*?timeout (\d+)", out)
     errs += int(m.group(1)) if m else 0
-    return Result(rps, p50, p99, errs)
+    return Result(rps, p50, p99, errs, 1e6 * cpu / n if n else 0.0)
 
 
 def _ms(s: str) -> float:
@@ -149,14 +178,36 @@ http {{
     return conf
 
 
+def gateway_config(path: Path, port: int, backend: int, workers: int) -> None:
+    path.write_text(
+        f"pools:\n  - name: fixed\n    models: [{MODEL}]\n"
+        f"    endpoints: [http://127.0.0.1:{backend}]\n"
+        f"gateway:\n  listen: 127.0.0.1:{port}\n  policy: headroom\n  workers: {workers}\n"
+    )
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    """Median [min-max]."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    lo, hi = min(values), max(values)
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(lo)}-{fmt.format(hi)}]"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rate", type=int, default=1000, help="paced run: requests/s in total")
     ap.add_argument("--chunks", type=int, default=64, help="SSE events per streamed answer")
+    ap.add_argument("--workers", type=int, default=2, help="also a gateway with N workers; 0: no")
     args = ap.parse_args()
     duration = min(args.duration, 15)
     if shutil.which("wrk") is None:
@@ -168,121 +219,118 @@ def main() -> int:
     lua_paced = LUA % ("", f"function delay() return {delay_ms:.3f} end")
     lua_stream = LUA % (', "stream": true', "")
 
-    rows: list[tuple[str, str, Result]] = []
+    # (target, run) -> one Result per repetition
+    results: dict[tuple[str, str], list[Result]] = {}
+    names: list[str] = []
     notes: list[str] = []
-    with tempfile.TemporaryDirectory() as td:
+    load_before = loadavg()
+    with tempfile.TemporaryDirectory() as td, contextlib.ExitStack() as stack:
         tmp = Path(td)
         bport = free_port()
-        backend_cmd = [
-            PY,
-            str(ROOT / "bench" / "fixed_backend.py"),
-            "--port",
-            str(bport),
-            "--chunks",
-            str(args.chunks),
-        ]
-        with started(backend_cmd, bport):
-            targets: list[tuple[str, list[str] | None, int]] = []
+        backend_cmd = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
+        backend_cmd += ["--chunks", str(args.chunks)]
+        commands: list[tuple[str, list[str], int, bool]] = []
+        gateways = [1] + ([args.workers] if args.workers > 1 else [])
+        for w in gateways:
             gport = free_port()
-            cfg = tmp / "kvpilot.yaml"
-            cfg.write_text(
-                f"pools:\n  - name: fixed\n    models: [{MODEL}]\n"
-                f"    endpoints: [http://127.0.0.1:{bport}]\n"
-                f"gateway:\n  listen: 127.0.0.1:{gport}\n  policy: headroom\n"
-            )
-            targets.append(
-                (
-                    "kvpilot gateway",
-                    [
-                        PY,
-                        "-m",
-                        "kvpilot.cli",
-                        "gateway",
-                        "--config",
-                        str(cfg),
-                        "--log-level",
-                        "WARNING",
-                    ],
-                    gport,
-                )
-            )
-            router = shutil.which("vllm-router") or str(Path(PY).parent / "vllm-router")
-            if Path(router).exists():
-                rport = free_port()
-                targets.append(
-                    (
-                        "vllm-router",
-                        [
-                            router,
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(rport),
-                            "--worker-urls",
-                            f"http://127.0.0.1:{bport}",
-                            "--policy",
-                            "round_robin",
-                            "--log-level",
-                            "warning",
-                            "--prometheus-port",
-                            str(free_port()),
-                        ],
-                        rport,
-                    )
-                )
-            else:
-                notes.append("vllm-router not installed: not measured")
-            nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-            if Path(nginx).exists():
-                nport = free_port()
-                conf = nginx_conf(tmp, nport, bport)
-                targets.append(("nginx", [nginx, "-c", str(conf), "-p", str(tmp)], nport))
-            else:
-                notes.append("nginx not installed: not measured")
+            cfg = tmp / f"kvpilot-{w}.yaml"
+            gateway_config(cfg, gport, bport, w)
+            name = "kvpilot gateway" + (f" ({w} workers)" if w > 1 else "")
+            cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
+            commands.append((name, [*cmd, "--log-level", "WARNING"], gport, True))
+        router = shutil.which("vllm-router") or str(Path(PY).parent / "vllm-router")
+        if Path(router).exists():
+            rport = free_port()
+            cmd = [router, "--host", "127.0.0.1", "--port", str(rport)]
+            cmd += ["--worker-urls", f"http://127.0.0.1:{bport}", "--policy", "round_robin"]
+            cmd += ["--log-level", "warning", "--prometheus-port", str(free_port())]
+            commands.append(("vllm-router", cmd, rport, False))
+        else:
+            notes.append("vllm-router not installed: not measured")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if Path(nginx).exists():
+            nport = free_port()
+            conf = nginx_conf(tmp, nport, bport)
+            commands.append(("nginx", [nginx, "-c", str(conf), "-p", str(tmp)], nport, False))
+        else:
+            notes.append("nginx not installed: not measured")
 
-            def measure(name: str, port: int, streams: bool) -> None:
+        backend = stack.enter_context(started(backend_cmd, bport))
+        targets: list[tuple[str, int, int, bool]] = [("backend (direct)", bport, backend.pid, True)]
+        for name, cmd, port, streams in commands:
+            try:
+                proc = stack.enter_context(started(cmd, port))
+            except RuntimeError as e:
+                notes.append(f"{name}: failed to start ({e})")
+                continue
+            targets.append((name, port, proc.pid, streams))
+        time.sleep(1.0)
+        names = [t[0] for t in targets]
+        for _name, port, _pid, _ in targets:  # warm up connections and the targets' caches
+            wrk(f"http://127.0.0.1:{port}/v1/completions", lua_max, 4, 1)
+        for rep in range(args.repeat):
+            for name, port, pid, streams in targets:
                 url = f"http://127.0.0.1:{port}/v1/completions"
-                wrk(url, lua_max, 4, 2)  # warm up connections and the target's caches
-                rows.append((name, "max", wrk(url, lua_max, args.connections, duration)))
-                rows.append((name, "paced", wrk(url, lua_paced, paced_conns, duration)))
+                runs = [("max", lua_max, args.connections), ("paced", lua_paced, paced_conns)]
                 if streams:
-                    rows.append((name, "stream", wrk(url, lua_stream, args.connections, duration)))
+                    runs.append(("stream", lua_stream, args.connections))
+                for kind, lua, conns in runs:
+                    try:
+                        r = wrk(url, lua, conns, duration, pid)
+                    except (subprocess.CalledProcessError, AttributeError) as e:
+                        notes.append(f"{name} {kind} rep {rep + 1}: wrk failed ({e})")
+                        continue
+                    results.setdefault((name, kind), []).append(r)
 
-            measure("backend (direct)", bport, True)
-            for name, cmd, port in targets:
-                try:
-                    with started(cmd, port):  # type: ignore[arg-type]
-                        time.sleep(1.0)
-                        measure(name, port, name == "kvpilot gateway")
-                except (RuntimeError, subprocess.CalledProcessError, AttributeError) as e:
-                    notes.append(f"{name}: failed to run ({e})")
-
-    base = {kind: r for name, kind, r in rows if name == "backend (direct)"}
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}; wrk -t1, {duration}s per run"
+        f"Python {platform.python_version()}; load average {load_before} before, "
+        f"{loadavg()} after; wrk -t1, {duration}s per run, {args.repeat} repetitions"
     )
     print(
         f"max: -c{args.connections}; paced: -c{paced_conns} with delay {delay_ms:.1f} ms "
         f"(~{args.rate} req/s); stream: {args.chunks} SSE events per answer\n"
     )
     print(
-        "| target | run | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | chunks/s | errors |"
+        "Medians over the repetitions, [min-max]; added latency = target - backend, per repetition.\n"
+    )
+    print(
+        "| target | run | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/req | errors |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, kind, r in rows:
-        b = base[kind]
-        added = "" if name.startswith("backend") else f"{r.p50_ms - b.p50_ms:+.2f}"
-        added99 = "" if name.startswith("backend") else f"{r.p99_ms - b.p99_ms:+.2f}"
-        chunks = f"{r.rps * (args.chunks + 1):,.0f}" if kind == "stream" else ""
-        print(
-            f"| {name} | {kind} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {added} | "
-            f"{added99} | {chunks} | {r.errors} |"
-        )
-    gw = {k: r for n, k, r in rows if n == "kvpilot gateway"}
-    vr = {k: r for n, k, r in rows if n == "vllm-router"}
-    if "max" in gw and "max" in vr:
-        print(f"\ngateway / vllm-router requests/s (max): {gw['max'].rps / vr['max'].rps:.2f}x")
+    for kind in ("max", "paced", "stream"):
+        base = results.get(("backend (direct)", kind), [])
+        for name in names:
+            rs = results.get((name, kind))
+            if not rs:
+                continue
+            rate = (
+                [r.rps * (args.chunks + 1) for r in rs] if kind == "stream" else [r.rps for r in rs]
+            )
+            unit = " chunks/s" if kind == "stream" else ""
+            added50 = added99 = ""
+            if not name.startswith("backend") and len(base) == len(rs):
+                added50 = spread(
+                    [r.p50_ms - b.p50_ms for r, b in zip(rs, base, strict=True)], "{:+.2f}"
+                )
+                added99 = spread(
+                    [r.p99_ms - b.p99_ms for r, b in zip(rs, base, strict=True)], "{:+.2f}"
+                )
+            print(
+                f"| {name} | {kind} | {spread(rate)}{unit} | {spread([r.p50_ms for r in rs], '{:.2f}')} | "
+                f"{spread([r.p99_ms for r in rs], '{:.2f}')} | {added50} | {added99} | "
+                f"{spread([r.cpu_us for r in rs])} | {sum(r.errors for r in rs)} |"
+            )
+    vr = results.get(("vllm-router", "max"), [])
+    for name in names:
+        gw = results.get((name, "max"), [])
+        if name.startswith("kvpilot") and vr and len(gw) == len(vr):
+            ratios = [g.rps / v.rps for g, v in zip(gw, vr, strict=True)]
+            print(
+                f"\n{name} / vllm-router requests/s (max), per repetition: "
+                + ", ".join(f"{x:.2f}x" for x in ratios)
+                + f"; median {statistics.median(ratios):.2f}x"
+            )
     for n in notes:
         print(f"note: {n}")
     return 0

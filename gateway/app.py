@@ -1,7 +1,8 @@
 """The gateway's aiohttp application and its lifecycle.
 
-`build_app(cfg)` wires the parts: one shared upstream ClientSession (keep-alive pools), discovery,
-the state feeds (agents, direct scrape), the periodic tick, all created and torn down in
+`build_app(cfg)` wires the parts: one shared upstream aiohttp ClientSession (keep-alive pools) for
+the request path and the state feeds (agents, direct scrape), discovery, the periodic tick, all
+created and torn down in
 `cleanup_ctx`. `run_gateway(cfg)` serves it in-process (tests, the demo); `kvpilot gateway
 --config F` serves it from the command line and applies config changes as the file changes.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +21,13 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
 
 from gateway.discovery import Discovery
 from gateway.fleet import Fleet, StateFeeds
@@ -27,6 +35,8 @@ from gateway.proxy import Gateway
 from kvpilot.config import Config, parse_listen
 
 log = logging.getLogger(__name__)
+
+UPSTREAM_CONNECTIONS_PER_REPLICA = 1024
 
 GATEWAY = web.AppKey("gateway", Gateway)
 DISCOVERY = web.AppKey("discovery", Discovery)
@@ -58,7 +68,9 @@ def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(
             limit=0,  # no global cap: the queue and the picker bound what each replica gets
-            limit_per_host=0,
+            # Per replica: far above what an engine batches at once (vLLM's default max_num_seqs
+            # is 256), so the cap never queues requests the picker meant to send now.
+            limit_per_host=UPSTREAM_CONNECTIONS_PER_REPLICA,
             keepalive_timeout=30,
             ttl_dns_cache=30,
             enable_cleanup_closed=True,
@@ -67,8 +79,9 @@ def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
         session = aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            auto_decompress=False,  # bytes pass through as the replica encoded them
+            # We forward the client's own headers; aiohttp's defaults would add or change them.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
         gateway.session = session
         discovery = Discovery(
@@ -137,7 +150,11 @@ def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
         )
 
     async def prom(request: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(REGISTRY))
+        registry = REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: report them all
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        resp = web.Response(body=generate_latest(registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
@@ -211,9 +228,16 @@ async def apply_config(app: web.Application, cfg: Config) -> None:
 
 
 async def start_gateway(
-    cfg: Config, *, host: str | None = None, port: int | None = None, kube_api_client: Any = None
+    cfg: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    kube_api_client: Any = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, str]:
-    """Start serving; returns the runner (call `cleanup()` to stop) and the base URL .../v1."""
+    """Start serving; returns the runner (call `cleanup()` to stop) and the base URL .../v1.
+
+    `reuse_port`: share the port with other gateway workers (SO_REUSEPORT)."""
     lhost, lport = parse_listen(cfg.gateway.listen)
     host = lhost if host is None else host
     port = lport if port is None else port
@@ -223,6 +247,8 @@ async def start_gateway(
     await runner.setup()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     site = web.SockSite(runner, sock)
     await site.start()

@@ -97,7 +97,7 @@ class Fleet:
             if rid not in new:
                 self.by_address.pop(r.url, None)
                 self.by_id.pop(rid, None)
-                metrics.INFLIGHT.labels(pool, rid).set(0)
+                metrics.child(metrics.INFLIGHT, pool, rid).set(0)
         for r in new.values():
             self.by_address[r.url] = r
             self.by_id[r.replica_id] = r
@@ -180,7 +180,7 @@ class Fleet:
         if r is not None:
             r.inflight += 1
             r.started.add(req.request_id)
-            metrics.INFLIGHT.labels(r.pool, replica_id).inc()
+            metrics.child(metrics.INFLIGHT, r.pool, replica_id).inc()
 
     def first_token(self, replica_id: str, request_id: str, now: float) -> None:
         self.ledger.first_token(replica_id, request_id, now)
@@ -191,7 +191,7 @@ class Fleet:
         if r is not None and request_id in r.started:
             r.started.discard(request_id)
             r.inflight -= 1
-            metrics.INFLIGHT.labels(r.pool, replica_id).dec()
+            metrics.child(metrics.INFLIGHT, r.pool, replica_id).dec()
             self._changed(r.pool)
 
     def succeeded(self, replica_id: str) -> None:

@@ -6,7 +6,10 @@ them; tests read deltas, never absolute values.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 # Latency buckets from 5 ms (a cached short prompt on a fast GPU) to 2 min (a long generation).
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -93,3 +96,16 @@ REPLICAS = Gauge(
     "Replicas known per pool, by status (ready, terminating, ejected).",
     ["pool", "status"],
 )
+
+
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def child(metric: MetricWrapperBase, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: the request path calls this several times a request,
+    and prometheus-client's `labels()` validates and locks on every call."""
+    key = (metric, *labels)
+    c = _children.get(key)
+    if c is None:
+        c = _children[key] = metric.labels(*labels)
+    return c

@@ -1,8 +1,9 @@
 """The request path: validate, pick (or queue), forward, relay, retry, account.
 
-One `Gateway` per process holds the shared upstream ClientSession, the fleet view, one policy and
-one saturation queue per pool, and the request-feature estimator. The body is parsed once (orjson)
-for what the picker needs and forwarded as the client sent it, byte for byte.
+One `Gateway` per process holds the shared upstream aiohttp ClientSession (keep-alive pools, made
+in the app's `cleanup_ctx`), the fleet view, one policy and one saturation queue per pool, and the
+request-feature estimator. The body is parsed once (orjson) for what the picker needs and
+forwarded as the client sent it, byte for byte.
 
 Failure rules: anything that goes wrong before the client has received a byte (refused or reset
 connection, timeout, 502/503/504 from the replica, a stream that breaks before its first chunk) is
@@ -15,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,9 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+_DROP_UP = HOP_BY_HOP | {"x-request-id"}
+_DROP_UP_AUTH = _DROP_UP | {"authorization"}  # the key was for the gateway, not the model server
+_DROP_DOWN = HOP_BY_HOP | {"x-request-id", "date", "server"}  # aiohttp sets date and server
 PRIORITY_HEADER = "x-kvpilot-priority"
 RETRIABLE_STATUS = frozenset({502, 503, 504})
 
@@ -94,6 +98,7 @@ class PoolRuntime:
     policy: Policy
     queue: PoolQueue
     budget: RetryBudget
+    options: Mapping[str, Any]  # make_policy's keyword settings (a change makes a new policy)
 
 
 @dataclass
@@ -108,7 +113,7 @@ class Gateway:
     def __init__(self, cfg: Config, fleet: Fleet, estimator: Estimator | None = None) -> None:
         self.fleet = fleet
         self.estimator = estimator or Estimator()
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # set by the app's lifecycle
         self.pools: dict[str, PoolRuntime] = {}
         self.model_pool: dict[str, str] = {}
         self.cfg = cfg
@@ -125,30 +130,41 @@ class Gateway:
         self.pools = {}
         for i, pool in enumerate(cfg.pools):
             name = pool.policy or cfg.gateway.policy
+            options = policy_options(name, cfg.gateway)
             prev = old.get(pool.name)
-            if prev is not None and prev.policy_name == name:
+            if prev is not None and prev.policy_name == name and prev.options == options:
                 prev.config = pool
                 prev.queue.size = cfg.gateway.queue_size
                 prev.queue.timeout_s = cfg.gateway.queue_timeout_s
                 self.pools[pool.name] = prev
                 continue
-            options = {"queue_when_saturated": True} if name == "headroom" else {}
-            if name == "headroom" and not cfg.gateway.queue_when_saturated:
-                options = {}
+            policy = make_policy(name, seed=i, **options)
             rt = PoolRuntime(
                 pool,
                 name,
-                make_policy(name, seed=i, **options),
+                policy,
                 None,  # type: ignore[arg-type]  # set just below: the queue's pick needs rt
                 RetryBudget(cfg.gateway.retry_budget_ratio, cfg.gateway.retry_budget_min_per_s),
+                options,
             )
-            rt.queue = PoolQueue(
-                pool.name,
-                lambda req, exclude, rt=rt: self._pick(rt, req, exclude),
-                self._release,
-                size=cfg.gateway.queue_size,
-                timeout_s=cfg.gateway.queue_timeout_s,
-            )
+            pick = lambda req, exclude, rt=rt: self._pick(rt, req, exclude)  # noqa: E731
+            # Held requests leave in the policy's order (headroom: earliest TTFT deadline), as in
+            # the simulator; without one, by priority then arrival.
+            queue_key = getattr(policy, "queue_key", None)
+            if prev is not None:  # a new policy: the requests waiting in the pool stay queued
+                rt.queue = prev.queue
+                rt.queue.pick, rt.queue.queue_key = pick, queue_key
+                rt.queue.size = cfg.gateway.queue_size
+                rt.queue.timeout_s = cfg.gateway.queue_timeout_s
+            else:
+                rt.queue = PoolQueue(
+                    pool.name,
+                    pick,
+                    self._release,
+                    size=cfg.gateway.queue_size,
+                    timeout_s=cfg.gateway.queue_timeout_s,
+                    queue_key=queue_key,
+                )
             self.pools[pool.name] = rt
         self.fleet.profiles = {p.name: pool_profile(p) for p in cfg.pools}
         self.model_pool = {}
@@ -175,8 +191,9 @@ class Gateway:
             return Decision(None, "no-replicas")
         t0 = time.perf_counter()
         d = rt.policy.pick(req, views, now)
-        metrics.PICK.labels(rt.config.name, rt.policy_name).observe(time.perf_counter() - t0)
-        metrics.DECISIONS.labels(rt.config.name, rt.policy_name, d.reason).inc()
+        child = metrics.child
+        child(metrics.PICK, rt.config.name, rt.policy_name).observe(time.perf_counter() - t0)
+        child(metrics.DECISIONS, rt.config.name, rt.policy_name, d.reason).inc()
         if d.replica_id is not None:
             self.fleet.start(d.replica_id, req, now)
         return d
@@ -190,7 +207,7 @@ class Gateway:
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         """POST /v1/completions or /v1/chat/completions."""
         t0 = time.monotonic()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = request.headers.get("x-request-id") or os.urandom(16).hex()
         pool_name = model = ""
         try:
             self.check_auth(request)
@@ -211,7 +228,7 @@ class Gateway:
                 raise errors.bad_request(f"cannot read the prompt: {e}", "messages") from None
             req = self.estimator.features(rid, model, text, max_tokens, priority)
         except GatewayError as e:
-            metrics.REQUESTS.labels(pool_name, model, "", str(e.status)).inc()
+            metrics.child(metrics.REQUESTS, pool_name, model, "", str(e.status)).inc()
             return e.response(rid)
         stream = body.get("stream") is True
         rt.budget.on_request()
@@ -219,9 +236,9 @@ class Gateway:
         try:
             resp, replica = await self._route(request, rt, req, raw, endpoint, stream, rid)
         except GatewayError as e:
-            metrics.REQUESTS.labels(pool_name, model, replica, str(e.status)).inc()
+            metrics.child(metrics.REQUESTS, pool_name, model, replica, str(e.status)).inc()
             return e.response(rid)
-        metrics.E2E.labels(pool_name, model).observe(time.monotonic() - t0)
+        metrics.child(metrics.E2E, pool_name, model).observe(time.monotonic() - t0)
         return resp
 
     async def _route(
@@ -250,12 +267,10 @@ class Gateway:
                 url = f"{replica.url}/v1/{endpoint}"
                 if stream:
                     resp, out = await self._relay_stream(
-                        request, url, raw, headers, rt, req, replica_id
+                        request, url, raw, headers, rid, rt, req, replica_id
                     )
                 else:
-                    resp, out = await self._forward(
-                        url, raw, headers, rid, req.request_id, replica_id
-                    )
+                    resp, out = await self._forward(url, raw, headers, rid)
             except UpstreamFailed as e:
                 now = time.time()
                 self.fleet.finish(replica_id, req.request_id, now)
@@ -282,7 +297,7 @@ class Gateway:
             self.fleet.finish(replica_id, req.request_id, now)
             self.fleet.succeeded(replica_id)
             self._learn(rt, replica_id, req, out, started, now)
-            metrics.REQUESTS.labels(pool, req.model, replica_id, str(out.status)).inc()
+            metrics.child(metrics.REQUESTS, pool, req.model, replica_id, str(out.status)).inc()
             return resp, replica_id
 
     def _learn(
@@ -296,9 +311,9 @@ class Gateway:
     ) -> None:
         pool, model = rt.config.name, req.model
         if out.ttft_s is not None:
-            metrics.TTFT.labels(pool, model).observe(out.ttft_s)
+            metrics.child(metrics.TTFT, pool, model).observe(out.ttft_s)
         if out.tpot_s is not None:
-            metrics.TPOT.labels(pool, model).observe(out.tpot_s)
+            metrics.child(metrics.TPOT, pool, model).observe(out.tpot_s)
         if out.status != 200:
             return
         usage = out.usage
@@ -311,7 +326,7 @@ class Gateway:
     # ---- forwarding ---------------------------------------------------------------------------
 
     async def _open(
-        self, url: str, raw: bytes, headers: Mapping[str, str]
+        self, url: str, raw: bytes, headers: list[tuple[str, str]]
     ) -> aiohttp.ClientResponse:
         assert self.session is not None
         try:
@@ -329,13 +344,7 @@ class Gateway:
         return resp
 
     async def _forward(
-        self,
-        url: str,
-        raw: bytes,
-        headers: Mapping[str, str],
-        rid: str,
-        request_id: str,
-        replica_id: str,
+        self, url: str, raw: bytes, headers: list[tuple[str, str]], rid: str
     ) -> tuple[web.Response, _Outcome]:
         resp = await self._open(url, raw, headers)
         try:
@@ -349,7 +358,7 @@ class Gateway:
         finally:
             resp.release()
         usage = None
-        if resp.status == 200:
+        if resp.status == 200 and b'"usage"' in data:  # parse only what the estimator learns from
             try:
                 parsed = orjson.loads(data)
                 usage = parsed.get("usage") if isinstance(parsed, dict) else None
@@ -363,14 +372,14 @@ class Gateway:
         request: web.Request,
         url: str,
         raw: bytes,
-        headers: Mapping[str, str],
+        headers: list[tuple[str, str]],
+        rid: str,
         rt: PoolRuntime,
         req: RequestFeatures,
         replica_id: str,
     ) -> tuple[web.StreamResponse, _Outcome]:
         t_sent = time.monotonic()
         resp = await self._open(url, raw, headers)
-        rid = headers["x-request-id"]
         try:
             if resp.status != 200:  # an error answer (4xx): pass it on whole, it is small
                 try:
@@ -382,23 +391,23 @@ class Gateway:
                     status=resp.status, body=data, headers=downstream_headers(resp, rid)
                 )
                 return out, _Outcome(resp.status)
-            chunks = resp.content.iter_any()
+            content = resp.content
             # Wait for the first chunk before answering the client: until then we may retry.
             try:
                 async with asyncio.timeout(self.gw.first_byte_timeout_s):
-                    first = await anext(chunks)
-            except StopAsyncIteration:
-                raise UpstreamFailed("empty", "stream ended before its first byte") from None
+                    first = await content.readany()
             except TimeoutError:
                 raise UpstreamFailed("timeout", "no first byte in time") from None
             except (aiohttp.ClientError, OSError) as e:
                 raise UpstreamFailed("body", repr(e)) from None
+            if not first:
+                raise UpstreamFailed("empty", "stream ended before its first byte")
             t_first = time.monotonic()
             self.fleet.first_token(replica_id, req.request_id, time.time())
             client = web.StreamResponse(status=200, headers=downstream_headers(resp, rid))
             try:
                 return await self._pump(
-                    request, client, chunks, first, rt, replica_id, t_sent, t_first
+                    request, client, content, first, rt, replica_id, t_sent, t_first
                 )
             except ConnectionResetError:  # the client went away: stop reading upstream
                 return client, _Outcome(499, t_first - t_sent)
@@ -409,26 +418,26 @@ class Gateway:
         self,
         request: web.Request,
         client: web.StreamResponse,
-        chunks: Any,
+        content: aiohttp.StreamReader,
         first: bytes,
         rt: PoolRuntime,
         replica_id: str,
         t_sent: float,
         t_first: float,
     ) -> tuple[web.StreamResponse, _Outcome]:
-        """Relay the stream chunk by chunk; a break ends it with an SSE error event."""
+        """Relay the stream chunk by chunk (whatever has arrived, never the whole body); a break
+        ends it with an SSE error event."""
         rid = client.headers.get("x-request-id", "")
         await client.prepare(request)
         await client.write(first)
         events = first.count(b"data: ")
         usage = _sse_usage(first)
         t_last = t_first
+        idle = self.gw.idle_timeout_s
         while True:
             try:
-                async with asyncio.timeout(self.gw.idle_timeout_s):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 metrics.STREAM_ERRORS.labels(rt.config.name).inc()
                 log.warning("stream %s from %s broke after its first byte: %r", rid, replica_id, e)
@@ -440,6 +449,8 @@ class Gateway:
                 await client.write_eof()
                 self.fleet.failed(replica_id, time.time())
                 return client, _Outcome(200, t_first - t_sent, None, None)
+            if not chunk:  # end of the stream
+                break
             t_last = time.monotonic()
             await client.write(chunk)
             events += chunk.count(b"data: ")
@@ -482,6 +493,19 @@ class Gateway:
             raise errors.bad_request(
                 f"header {PRIORITY_HEADER}: {value!r} is not an integer", PRIORITY_HEADER
             ) from None
+
+
+def policy_options(name: str, gw: GatewayConfig) -> dict[str, Any]:
+    """`make_policy` keyword settings from the config: headroom's SLO and whether it holds
+    requests when no replica can meet them; the other policies take none."""
+    if name != "headroom":
+        return {}
+    return {
+        "slo_ttft_s": gw.ttft_target_s,
+        "slo_ttft_per_token_s": gw.ttft_per_1k_tokens_s / 1000.0,
+        "slo_tpot_s": gw.tpot_target_s,
+        "queue_when_saturated": gw.queue_when_saturated,
+    }
 
 
 def pool_profile(pool: PoolConfig) -> RateSeed | None:
@@ -563,18 +587,17 @@ def _valid_prompt(p: Any) -> bool:
     return False
 
 
-def upstream_headers(h: Mapping[str, str], rid: str, *, strip_auth: bool) -> dict[str, str]:
-    out = {k: v for k, v in h.items() if k.lower() not in HOP_BY_HOP}
-    if strip_auth:  # the key was for the gateway, not for the model server
-        out = {k: v for k, v in out.items() if k.lower() != "authorization"}
-    out = {k: v for k, v in out.items() if k.lower() != "x-request-id"}
-    out["x-request-id"] = rid
+def upstream_headers(h: Mapping[str, str], rid: str, *, strip_auth: bool) -> list[tuple[str, str]]:
+    """The client's headers for the replica: hop-by-hop ones, the gateway's key and its
+    x-request-id left out, ours added."""
+    drop = _DROP_UP_AUTH if strip_auth else _DROP_UP
+    out = [(k, v) for k, v in h.items() if k.lower() not in drop]
+    out.append(("x-request-id", rid))
     return out
 
 
 def downstream_headers(resp: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
-    out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
-    out = {k: v for k, v in out.items() if k.lower() not in ("x-request-id", "date", "server")}
+    out = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_DOWN}
     out["x-request-id"] = rid
     return out
 

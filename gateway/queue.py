@@ -1,8 +1,11 @@
 """The saturation queue: where requests wait when the picker finds no replica with room.
 
-One bounded queue per pool, ordered by priority (higher first) then arrival. Whenever capacity may
-have freed (a request finished, a new replica state arrived, a replica came back), `drain()` asks
-the picker again for the head of the queue, and keeps going while it gets replicas. The picker call
+One bounded queue per pool, ordered by priority (higher first), then by the pool policy's
+`queue_key(features, arrived_wall, now)` when it has one (headroom: earliest TTFT deadline while it
+can still be met, then by age, the order the simulator releases held requests in), else by
+arrival. Whenever capacity may have freed (a request finished, a new replica state arrived, a
+replica came back), `drain()` asks the picker again for the first waiter in that order, and keeps
+going while it gets replicas; when the first does not fit, nobody behind it jumps ahead. The picker call
 passed in reserves the replica (starts it in the in-flight ledger) in the same synchronous step,
 so two requests leaving the queue back to back never herd onto the same "empty" replica.
 
@@ -29,6 +32,9 @@ from gateway.picker import Decision
 PickFn = Callable[[RequestFeatures, frozenset[str]], Decision]
 # Hands back a reservation nobody will use (the waiter was cancelled as it was answered).
 ReleaseFn = Callable[[RequestFeatures, Decision], None]
+# The policy's release order within one priority: (features, arrived wall-clock s, now) -> key,
+# lowest first; e.g. `Headroom.queue_key`.
+QueueKeyFn = Callable[[RequestFeatures, float, float], float]
 
 
 @dataclass(order=True)
@@ -37,16 +43,25 @@ class _Waiter:
     features: RequestFeatures = field(compare=False)
     exclude: frozenset[str] = field(compare=False)
     future: asyncio.Future[Decision] = field(compare=False)
-    enqueued_at: float = field(compare=False, default=0.0)
+    enqueued_at: float = field(compare=False, default=0.0)  # monotonic: the wait's length
+    arrived_wall: float = field(compare=False, default=0.0)  # time.time(): the clock picks use
 
 
 class PoolQueue:
     def __init__(
-        self, pool: str, pick: PickFn, release: ReleaseFn, *, size: int, timeout_s: float
+        self,
+        pool: str,
+        pick: PickFn,
+        release: ReleaseFn,
+        *,
+        size: int,
+        timeout_s: float,
+        queue_key: QueueKeyFn | None = None,
     ) -> None:
         self.pool = pool
         self.pick = pick
         self.release = release
+        self.queue_key = queue_key
         self.size = size
         self.timeout_s = timeout_s
         self._heap: list[_Waiter] = []
@@ -72,7 +87,12 @@ class PoolQueue:
         self._admit_or_shed(req.priority)
         loop = asyncio.get_running_loop()
         w = _Waiter(
-            (-req.priority, next(self._seq)), req, exclude, loop.create_future(), time.monotonic()
+            (-req.priority, next(self._seq)),
+            req,
+            exclude,
+            loop.create_future(),
+            time.monotonic(),
+            time.time(),
         )
         heapq.heappush(self._heap, w)
         self._live += 1
@@ -105,6 +125,9 @@ class PoolQueue:
 
     def drain(self) -> None:
         """Hand replicas to waiters, best first, for as long as the picker finds room."""
+        if self.queue_key is not None:
+            self._drain_keyed(self.queue_key)
+            return
         while self._heap:
             w = self._heap[0]
             if w.future.done():
@@ -117,6 +140,27 @@ class PoolQueue:
             self._live -= 1
             metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
             w.future.set_result(d)
+
+    def _drain_keyed(self, queue_key: QueueKeyFn) -> None:
+        """`drain` in the policy's order. The keys are taken once per drain at one `now`: they
+        depend on the clock, not on the picks made in between, so one sort serves the pass."""
+        live = [w for w in self._heap if not w.future.done()]
+        if len(live) < len(self._heap):  # drop the answered ones the heap held lazily
+            self._heap = live[:]
+            heapq.heapify(self._heap)
+        if not live:
+            return
+        now = time.time()
+        order = sorted(
+            live, key=lambda w: (w.key[0], queue_key(w.features, w.arrived_wall, now), w.key[1])
+        )
+        for w in order:
+            d = self.pick(w.features, w.exclude)
+            if d.replica_id is None:
+                return  # the first in line still does not fit: nobody behind it jumps ahead
+            self._live -= 1
+            metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
+            w.future.set_result(d)  # left in the heap, answered: dropped lazily
 
     def retry_after_s(self) -> float:
         return max(1.0, self.timeout_s / 4)

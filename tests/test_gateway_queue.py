@@ -7,13 +7,18 @@ one): it grants a replica while slots are free and takes a slot in the same step
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from typing import Any
 
 import pytest
 
 from gateway.errors import GatewayError
 from gateway.estimate import Estimator, RequestFeatures
-from gateway.picker import Decision
+from gateway.fleet import Fleet
+from gateway.picker import Decision, Headroom, make_policy
+from gateway.proxy import Gateway
 from gateway.queue import PoolQueue
+from kvpilot.config import ConfigError, GatewayConfig, parse_config
 
 
 class Slots:
@@ -147,3 +152,147 @@ async def test_cancelled_waiter_leaves_and_hands_back_a_fresh_grant() -> None:
     with pytest.raises(asyncio.CancelledError):
         await t2
     assert len(q) == 0
+
+
+# ---- release order from the pool policy's queue_key (headroom: earliest TTFT deadline) ---------
+
+
+def sized(rid: str, prompt_tokens: int, priority: int = 0) -> RequestFeatures:
+    return dataclasses.replace(feat(rid, priority), prompt_tokens=prompt_tokens)
+
+
+async def queued(q: PoolQueue, reqs: list[RequestFeatures]) -> dict[str, asyncio.Task[Decision]]:
+    tasks = {}
+    for r in reqs:
+        tasks[r.request_id] = asyncio.create_task(q.acquire(r))
+        await asyncio.sleep(0)  # enqueue in this order
+    return tasks
+
+
+async def test_headroom_queue_key_releases_earliest_deadline_first() -> None:
+    # TTFT target 1 s + 0.2 ms per prompt token: a 100k-token prompt has ~21 s, a short one ~1 s,
+    # so the short one that came later leaves first; priority still comes before the deadline.
+    policy = make_policy("headroom")
+    slots = Slots(0)
+    q = PoolQueue("p", slots.pick, slots.release, size=8, timeout_s=30, queue_key=policy.queue_key)
+    reqs = [
+        sized("long", 100_000),
+        sized("short", 10),
+        sized("mid", 20_000),
+        sized("vip", 90_000, 3),
+    ]
+    tasks = await queued(q, reqs)
+    assert len(q) == 4 and not slots.granted
+    for _ in reqs:
+        slots.free += 1
+        q.drain()
+        await asyncio.sleep(0)
+    assert slots.granted == ["vip", "short", "mid", "long"]
+    for t in tasks.values():
+        assert (await t).replica_id == "r1"
+    assert len(q) == 0
+
+
+async def test_without_queue_key_the_order_stays_arrival() -> None:
+    slots = Slots(0)
+    q = PoolQueue("p", slots.pick, slots.release, size=8, timeout_s=30)
+    tasks = await queued(q, [sized("long", 100_000), sized("short", 10)])
+    slots.free = 2
+    q.drain()
+    await asyncio.gather(*tasks.values())
+    assert slots.granted == ["long", "short"]
+
+
+async def test_keyed_drain_keeps_head_of_line_blocking() -> None:
+    policy = make_policy("headroom")
+    blocked = {"short"}  # the earliest deadline, but its pick finds no replica (e.g. KV need)
+
+    def pick(req: RequestFeatures, exclude: frozenset[str]) -> Decision:
+        if req.request_id in blocked:
+            return Decision(None, "saturated")
+        return slots.pick(req, exclude)
+
+    slots = Slots(0)
+    q = PoolQueue("p", pick, slots.release, size=8, timeout_s=30, queue_key=policy.queue_key)
+    tasks = await queued(q, [sized("long", 100_000), sized("short", 10)])
+    slots.free = 2
+    q.drain()
+    await asyncio.sleep(0)
+    assert slots.granted == [] and len(q) == 2  # "long" does not jump ahead of "short"
+    blocked.clear()
+    q.drain()
+    await asyncio.gather(*tasks.values())
+    assert slots.granted == ["short", "long"] and len(q) == 0
+
+
+async def test_keyed_queue_still_sheds_negative_priority_first_and_skips_cancelled() -> None:
+    policy = make_policy("headroom")
+    slots = Slots(0)
+    q = PoolQueue("p", slots.pick, slots.release, size=4, timeout_s=30, queue_key=policy.queue_key)
+    tasks = await queued(q, [sized("a", 10), sized("b", 10), sized("gone", 5)])
+    with pytest.raises(GatewayError) as e:
+        await q.acquire(sized("batch", 10, -1))  # the queue is at half its size: shed
+    assert e.value.status == 429
+    tasks.pop("gone").cancel()
+    await asyncio.sleep(0)
+    assert len(q) == 2
+    slots.free = 5
+    q.drain()
+    await asyncio.gather(*tasks.values())
+    assert slots.granted == ["a", "b"] and len(q) == 0
+
+
+# ---- wiring: the gateway hands each pool's queue its policy's order and the config's SLO -------
+
+
+def gateway_config(**gw: Any) -> Any:
+    return parse_config(
+        {
+            "pools": [
+                {"name": "fast", "models": ["m"], "endpoints": ["http://127.0.0.1:9"]},
+                {
+                    "name": "rr",
+                    "models": ["m2"],
+                    "endpoints": ["http://127.0.0.1:9"],
+                    "policy": "round-robin",
+                },
+            ],
+            "gateway": {"policy": "headroom", "scrape_fallback": False, **gw},
+        }
+    )
+
+
+def test_configure_passes_queue_key_and_slo_to_headroom() -> None:
+    cfg = gateway_config(ttft_target_s=2.5, ttft_per_1k_tokens_s=0.5, tpot_target_s=0.05)
+    g = Gateway(cfg, Fleet())
+    rt = g.pools["fast"]
+    assert isinstance(rt.policy, Headroom)
+    assert (rt.policy.slo_ttft_s, rt.policy.slo_ttft_per_token_s, rt.policy.slo_tpot_s) == (
+        2.5,
+        0.0005,
+        0.05,
+    )
+    assert rt.policy.queue_when_saturated
+    assert rt.queue.queue_key == rt.policy.queue_key  # the bound method of this pool's policy
+    # Its deadline follows the configured target: 2.5 s + 0.5 ms x 1000 tokens.
+    assert rt.queue.queue_key(sized("x", 1000), 100.0, 100.0) == pytest.approx(103.0)
+    assert g.pools["rr"].queue.queue_key is None  # no queue_key: priority, then arrival
+
+    # A new SLO makes a new policy, but the pool's waiters stay in the same queue.
+    queue = rt.queue
+    g.configure(gateway_config(ttft_target_s=4.0))
+    rt2 = g.pools["fast"]
+    assert rt2.policy is not rt.policy and rt2.policy.slo_ttft_s == 4.0
+    assert rt2.queue is queue and queue.queue_key == rt2.policy.queue_key
+    g.configure(gateway_config(ttft_target_s=4.0))
+    assert g.pools["fast"].policy is rt2.policy  # unchanged settings keep the learned state
+
+
+def test_slo_defaults_match_the_picker_and_bad_values_are_refused() -> None:
+    h = make_policy("headroom")
+    gw = GatewayConfig()
+    assert gw.ttft_target_s == h.slo_ttft_s and gw.tpot_target_s == h.slo_tpot_s
+    assert gw.ttft_per_1k_tokens_s / 1000 == pytest.approx(h.slo_ttft_per_token_s)
+    for key, bad in (("ttft_target_s", 0), ("tpot_target_s", -1), ("ttft_per_1k_tokens_s", -0.1)):
+        with pytest.raises(ConfigError, match=f"gateway.{key}"):
+            gateway_config(**{key: bad})

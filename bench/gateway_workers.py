@@ -1,0 +1,183 @@
+"""Does routing suffer when the gateway runs as several worker processes?
+
+Each worker keeps its own in-flight account (what it sent each replica since the last observed
+state), so with N workers every account sees about 1/N of the traffic between two scrapes. This
+replays one seeded open-loop trace through `kvpilot gateway` with `gateway.workers: 1` and then
+with `--workers N`, in front of the same skewed fleet of emulated model servers (default one H100
+and two L4s, Llama-3.1-8B, no agent: replica states come from the gateway's own 0.5 s scrapes), and
+compares the share of requests each replica got and the TTFT the clients saw. The two are
+alternated `--repeat` times (1, N, 1, N, ...) so that drift in the machine's load hits both.
+
+    .venv/bin/python bench/gateway_workers.py [--rate 8] [--duration 40] [--workers 2]
+        [--fleet h100,l4,l4] [--policy headroom] [--reference round-robin] [--repeat 2]
+
+Requests: completions with random token-id prompts of 256-2,048 tokens, 32 output tokens
+(`ignore_eos`), streamed; Poisson arrivals. Time scale 1 (real time), so TTFT is in engine seconds
+and the gateway's own milliseconds are small against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from proxy import free_port, wait_port  # noqa: E402
+
+PY = sys.executable
+MODEL = "llama-3.1-8b"
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        wait_port(port, p, 40)
+        yield p
+    finally:
+        p.terminate()
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def make_trace(rate: float, duration_s: float, seed: int) -> list[tuple[float, list[int]]]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            return out
+        n = rng.randint(256, 2048)
+        out.append((t, [rng.randrange(100, 30000) for _ in range(n)]))
+
+
+async def one(
+    session: aiohttp.ClientSession, url: str, at: float, ids: list[int], t0: float
+) -> float | None:
+    await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+    start = time.monotonic()
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 32, "ignore_eos": True, "stream": True}
+    try:
+        async with session.post(url, data=orjson.dumps(body)) as resp:
+            if resp.status != 200:
+                await resp.read()
+                return None
+            first = None
+            async for _ in resp.content.iter_any():
+                if first is None:
+                    first = time.monotonic()
+            return (first or time.monotonic()) - start
+    except aiohttp.ClientError:
+        return None
+
+
+async def replay(url: str, trace: list[tuple[float, list[int]]]) -> list[float | None]:
+    timeout = aiohttp.ClientTimeout(total=300)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=timeout, headers=headers
+    ) as s:
+        t0 = time.monotonic() + 0.5
+        return list(await asyncio.gather(*(one(s, url, at, ids, t0) for at, ids in trace)))
+
+
+async def spread(metrics_url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(metrics_url) as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for m in re.finditer(
+        r'kvpilot_gateway_requests_total\{[^}]*replica="([^"]+)"[^}]*\} ([\d.e+]+)', text
+    ):
+        if m.group(1):
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rate", type=float, default=8.0)
+    ap.add_argument("--duration", type=float, default=40.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--fleet", default="h100,l4,l4")
+    ap.add_argument("--policy", default="headroom")
+    ap.add_argument("--reference", default="round-robin", help="a policy to run once; '' for none")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each worker count, alternated")
+    args = ap.parse_args()
+    duration = min(args.duration, 120.0)
+    trace = make_trace(args.rate, duration, args.seed)
+    gpus = args.fleet.split(",")
+    runs = [(args.policy, 1), (args.policy, args.workers)] * max(1, args.repeat)
+    if args.reference:
+        runs.append((args.reference, 1))
+    rows = []
+    with tempfile.TemporaryDirectory() as td, contextlib.ExitStack() as stack:
+        urls = []
+        for gpu in gpus:
+            port = free_port()
+            cmd = [PY, "-m", "kvpilot.cli", "modelserver", "--model", MODEL, "--gpu", gpu]
+            stack.enter_context(running([*cmd, "--port", str(port)], port))
+            urls.append(f"http://127.0.0.1:{port}")
+        names = {u: f"{g}#{i}" for i, (u, g) in enumerate(zip(urls, gpus, strict=True))}
+        for policy, workers in runs:
+            gport = free_port()
+            cfg = Path(td) / f"gw-{policy}-{workers}.yaml"
+            cfg.write_text(
+                f"pools:\n  - name: p\n    models: [{MODEL}]\n    endpoints: [{', '.join(urls)}]\n"
+                f"gateway:\n  listen: 127.0.0.1:{gport}\n  policy: {policy}\n"
+                f"  workers: {workers}\n"
+            )
+            cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
+            with running([*cmd, "--log-level", "WARNING"], gport):
+                time.sleep(2.0)  # first scrapes
+                base = f"http://127.0.0.1:{gport}"
+                ttfts = asyncio.run(replay(f"{base}/v1/completions", trace))
+                share = asyncio.run(spread(f"{base}/metrics"))
+            ok = [t for t in ttfts if t is not None]
+            total = sum(share.values()) or 1.0
+            rows.append((policy, workers, ok, len(ttfts) - len(ok), share, total))
+            time.sleep(3.0)  # let the fleet drain between runs
+
+    print(
+        f"{len(trace)} requests, Poisson {args.rate} req/s over {duration:.0f} s, prompts 256-2048 "
+        f"tokens, 32 out; fleet {args.fleet} ({MODEL}, emulated, real time); states by scrape\n"
+    )
+    head = " | ".join(names[u] for u in urls)
+    print(f"| policy | workers | TTFT p50 s | TTFT p90 s | TTFT p99 s | mean s | failed | {head} |")
+    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(urls))
+    for policy, workers, ok, failed, share, total in rows:
+        shares = " | ".join(f"{100 * share.get(u, 0.0) / total:.0f} %" for u in urls)
+        print(
+            f"| {policy} | {workers} | {pct(ok, 0.5):.3f} | {pct(ok, 0.9):.3f} | "
+            f"{pct(ok, 0.99):.3f} | {statistics.fmean(ok):.3f} | {failed} | {shares} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

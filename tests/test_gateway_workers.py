@@ -1,0 +1,131 @@
+"""`gateway.workers: N`: N processes on one port (SO_REUSEPORT) behind one supervisor.
+
+The real command line in a child process, in front of an aiohttp upstream served by this test's
+event loop. Checks: every request is answered, more than one worker answers, /metrics from any
+worker counts the requests of all of them, and SIGTERM to the supervisor stops every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from kvpilot.config import ConfigError, parse_config
+
+MODEL = "llama-3.1-8b"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_workers_must_be_1_to_64() -> None:
+    assert parse_config({"gateway": {"workers": 4}}).gateway.workers == 4
+    for bad in (0, 65):
+        with pytest.raises(ConfigError, match="gateway.workers"):
+            parse_config({"gateway": {"workers": bad}})
+
+
+async def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path) -> None:
+    pids: set[str] = set()  # request ids the upstream saw
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        pids.add(request.headers.get("x-request-id", ""))
+        return web.json_response(
+            {"choices": [{"text": "ok"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", answer)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    port = free_port()
+    cfg = tmp_path / "kvpilot.yaml"
+    cfg.write_text(
+        f"pools:\n  - name: p\n    models: [{MODEL}]\n"
+        f"    endpoints: [http://127.0.0.1:{upstream.port}]\n"
+        f"gateway:\n  listen: 127.0.0.1:{port}\n  policy: least-request\n  workers: 2\n"
+        "  scrape_fallback: false\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):  # both workers up: /healthz answers (bounded wait)
+                if len(children(proc.pid)) == 2:
+                    try:
+                        async with s.get(f"{base}/healthz") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                await asyncio.sleep(0.1)
+            workers = set(children(proc.pid))
+            assert len(workers) == 2
+            n = 40
+            for i in range(n):
+                # A fresh connection each time, so that the kernel spreads them over the workers.
+                conn = aiohttp.TCPConnector(force_close=True)
+                async with (
+                    aiohttp.ClientSession(connector=conn) as c,
+                    c.post(
+                        f"{base}/v1/completions",
+                        json={"model": MODEL, "prompt": "hi", "max_tokens": 1},
+                        headers={"x-request-id": f"r{i}"},
+                    ) as r,
+                ):
+                    assert r.status == 200
+                    assert (await r.json())["choices"][0]["text"] == "ok"
+            assert len(pids) == n
+            # Which worker accepted a connection is not visible from outside; the metrics carry
+            # one in-flight series per worker process that routed a request.
+            async with s.get(f"{base}/metrics") as r:
+                text = await r.text()
+        total = sum(
+            float(m.group(1))
+            for m in re.finditer(
+                r'kvpilot_gateway_requests_total\{[^}]*code="200"[^}]*\} ([\d.e+]+)', text
+            )
+        )
+        assert total == n  # every worker's requests, whichever worker answered the scrape
+        seen = set(re.findall(r'kvpilot_gateway_inflight_requests\{pid="(\d+)"', text))
+        assert seen == {str(p) for p in workers}  # both workers served requests
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+        await upstream.close()
+    assert not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return False
