@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import kubernetes_validate
 import pytest
-import yaml
 
-BASE = Path(__file__).resolve().parent.parent / "manifests" / "base" / "agent"
-K8S_VERSION = "1.31"
+from tests.kustomize import K8S_VERSION, MANIFESTS, render
 
 
 @pytest.fixture(scope="module")
 def docs() -> list[dict]:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed")
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(BASE)], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    return render(MANIFESTS / "base" / "agent")
 
 
 def by_kind(docs: list[dict], kind: str) -> dict:

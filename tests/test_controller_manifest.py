@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import kubernetes_validate
 import pytest
-import yaml
 
-BASE = Path(__file__).resolve().parent.parent / "manifests" / "base" / "controller"
+from tests.kustomize import K8S_VERSION, MANIFESTS, render
 
 
 @pytest.fixture(scope="module")
 def objects() -> list[dict]:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not installed (make test installs it)")
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(BASE)], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    return render(MANIFESTS / "base" / "controller")
 
 
 def test_every_object_validates(objects: list[dict]) -> None:
     for obj in objects:
-        kubernetes_validate.validate(obj, "1.30", strict=True)
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
 def test_controller_deployment_runs_two_replicas_with_a_service_account(

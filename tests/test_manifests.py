@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,11 @@ import pytest
 import yaml
 
 from kvpilot.config import load_config, parse_listen
+from tests.kustomize import K8S_VERSION, render
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "manifests" / "base"
 OBS = ROOT / "manifests" / "observability"
-K8S_VERSION = "1.32.0"  # GKE's regular channel; kubectl here is 1.32 too
 CLUSTER_SCOPED = {
     "Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass", "ClusterRules",
     "CustomResourceDefinition", "StorageClass",
@@ -36,14 +35,6 @@ needs_kubectl = pytest.mark.skipif(
     shutil.which("kubectl") is None,
     reason="kubectl is not installed (scripts/debian-deps.sh installs it)",
 )
-
-
-def kustomize(path: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
@@ -70,14 +61,14 @@ def find(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> list
 def base() -> list[dict[str, Any]]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed (scripts/debian-deps.sh installs it)")
-    return kustomize(BASE)
+    return render(BASE)
 
 
 @pytest.fixture(scope="module")
 def observability() -> list[dict[str, Any]]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed (scripts/debian-deps.sh installs it)")
-    objs = kustomize(OBS)
+    objs = render(OBS)
     # The Prometheus Operator flavour is applied as plain files (docs/operations.md).
     for name in ("servicemonitors.yaml", "prometheus-rules.yaml"):
         objs += load_yaml_docs(OBS / name)
