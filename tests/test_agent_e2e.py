@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -20,37 +18,7 @@ from agent.client import AgentWatchClient
 from agent.run import agent_config, running_agent
 from kvpilot.config import AgentConfig, Config
 from kvpilot.signals import NodeState, ReplicaState, from_json
-
-MODEL = "llama-3.1-8b"
-
-
-def start_modelserver(time_scale: float = 50.0) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvpilot", "modelserver", "--model", MODEL, "--gpu", "l4",
-         "--port", "0", "--time-scale", str(time_scale)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"listening on (http://\S+?),", line)
-        if m:
-            return proc, m.group(1)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("modelserver did not start")
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from tests.modelservers import MODEL, start_modelserver, stop
 
 
 @pytest.fixture(scope="module")

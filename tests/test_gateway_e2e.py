@@ -11,10 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -24,63 +21,19 @@ from prometheus_client import REGISTRY
 
 from gateway.app import run_gateway
 from kvpilot.config import parse_config
+from tests.modelservers import MODEL, start_modelserver, stop
 
-MODEL = "llama-3.1-8b"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 30.0) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"modelserver on {port} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"modelserver on {port} did not start")
-
-
 @pytest.fixture(scope="module")
-def modelservers() -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
-    procs = []
+def modelservers() -> Iterator[list[tuple[str, subprocess.Popen[str]]]]:
+    procs = [start_modelserver() for _ in range(3)]
     try:
-        for _ in range(3):
-            port = free_port()
-            cmd = [
-                sys.executable,
-                "-m",
-                "kvpilot.cli",
-                "modelserver",
-                "--model",
-                MODEL,
-                "--gpu",
-                "l4",
-                "--port",
-                str(port),
-                "--time-scale",
-                "50",
-            ]
-            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append((f"http://127.0.0.1:{port}", p, port))
-        for _, p, port in procs:
-            wait_listening(port, p)
-        yield [(url, p) for url, p, _ in procs]
+        yield [(url, p) for p, url in procs]
     finally:
-        for _, p, _ in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for _, p, _ in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
-            if p.poll() is None:
-                p.kill()
+        for p, _ in procs:
+            stop(p)
 
 
 def gateway_config(urls: list[str], **gw: object) -> object:
@@ -170,35 +123,17 @@ async def test_chat_and_completions_streamed_and_not(modelservers: list) -> None
 
 
 @pytest.fixture
-def victim() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def victim() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A fresh modelserver the test may kill, next to the three shared ones."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvpilot.cli",
-        "modelserver",
-        "--model",
-        MODEL,
-        "--gpu",
-        "l4",
-        "--port",
-        str(port),
-        "--time-scale",
-        "20",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = start_modelserver(20)
     try:
-        wait_listening(port, proc)
-        yield f"http://127.0.0.1:{port}", proc
+        yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        stop(proc)
 
 
 async def test_killing_a_modelserver_loses_no_accepted_request(
-    modelservers: list, victim: tuple[str, subprocess.Popen[bytes]]
+    modelservers: list, victim: tuple[str, subprocess.Popen[str]]
 ) -> None:
     victim_url, proc = victim
     urls = [u for u, _ in modelservers] + [victim_url]
