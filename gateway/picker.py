@@ -481,14 +481,15 @@ class Headroom(_Baseline):
     bounded steps, taken relative to the fleet-wide bias (which changes no ranking), and 1 inside
     a deadband (load-dependent noise would otherwise steer traffic by recent luck); TTFTs
     observed behind a long queue are not learned from. On an admission-blocked replica (batch
-    cap or KV >= kv_blocked) Q_r also holds, per request waiting there, the time until a running
-    sequence finishes. Unhealthy replicas, with `max_queue` those with that many waiting, with
-    `max_wait_ratio` (1.0) those whose predicted wait behind their queue exceeds that share of
-    the TTFT target, and with `demand_max` those whose projected KV demand overflows, count as
-    not fitting (saturated). When no replica fits the pick fails open to the lowest cost, or with
-    `queue_when_saturated` returns None so the gateway holds the request until capacity frees;
-    `queue_key` says which held request to offer freed capacity first (earliest deadline while
-    it can still be met, then by age).
+    cap, or KV >= kv_blocked with too few free blocks for the prompts waiting) Q_r also holds,
+    per request waiting there, the time until a running sequence finishes. Unhealthy
+    replicas, with `max_queue` those with that many waiting, with `max_wait_ratio` (1.0) those
+    whose predicted wait behind their queue exceeds that share of the TTFT target, and with
+    `demand_max` those whose projected KV demand overflows, count as not fitting (saturated).
+    When no replica fits the pick fails open to the lowest cost, or with `queue_when_saturated`
+    returns None so the gateway holds the request until capacity frees; `queue_key` says which
+    held request to offer freed capacity first (earliest deadline while it can still be met,
+    then by age).
     """
 
     name = "headroom"
@@ -517,6 +518,8 @@ class Headroom(_Baseline):
         queue_age_s: float | None = 12.0,
         kv_blocked: float | None = 0.85,
         blocked_output_share: float = 0.3,
+        capped_output_share: float = 0.65,
+        blocked_by_fit: bool = True,
         learn_rate: float = 0.1,
         learn_rate_tpot: float | None = None,  # None: the same as learn_rate
         learn_clip: float = 0.5,  # one observation moves log k toward at most +-this
@@ -556,6 +559,8 @@ class Headroom(_Baseline):
         self.queue_age_s = queue_age_s
         self.kv_blocked = kv_blocked
         self.blocked_output_share = blocked_output_share
+        self.capped_output_share = capped_output_share
+        self.blocked_by_fit = blocked_by_fit
         self._fast_at = -math.inf
         self._fast = 0.0
         self.learn_rate = learn_rate
@@ -683,14 +688,26 @@ class Headroom(_Baseline):
         if self.kv_blocked is not None and st is not None:
             # admission-blocked: a full batch (max_num_seqs) or a nearly full cache admits a
             # waiting request only when a running one finishes. Sequences finish at about
-            # running / (half the mean output x decode step) per second; each request queued
+            # running / (a share of the mean output x decode step) per second; each request queued
             # there (and this one) waits 1/that, counted as prefill-equivalent tokens so the
             # cost, the wait limit and the queue's drain all see it
             u = st.kv_usage
-            if running >= seed.max_num_seqs or (blocks and u >= self.kv_blocked):
+            # a nearly full cache blocks admission only when its free blocks cannot hold the
+            # prompts queued there and this one (the engine admits on a prompt's blocks; decodes
+            # grow later): short prompts beside long decodes still go straight in
+            prompt = lr.mean_uncached or self.mean_uncached
+            kv_full = bool(blocks) and u >= self.kv_blocked
+            if kv_full and self.blocked_by_fit:
+                kv_full = (blocks - used) * bs < (waiting + 1) * prompt
+            capped = running >= seed.max_num_seqs
+            if capped or kv_full:
                 out = lr.mean_output or 256.0
                 step = kd * seed.decode_step(max(1.0, running))
-                finish_rate = max(1.0, running) / max(1e-3, self.blocked_output_share * out * step)
+                # at the batch cap a slot frees as any sequence ends: Little's law over whole
+                # generations (mean ~0.65 x the p90 expected output); a full cache admits the
+                # next prompt sooner (a finished sequence frees blocks for several short ones)
+                share = self.capped_output_share if capped else self.blocked_output_share
+                finish_rate = max(1.0, running) / max(1e-3, share * out * step)
                 slot_tokens = 1.0 / finish_rate / per_tok
         # tokens/s the replica works off its queue since the state was read; a full cache blocks
         # admission, so a queue behind it does not drain

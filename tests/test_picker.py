@@ -651,3 +651,43 @@ def test_headroom_sees_the_wait_of_an_admission_blocked_replica() -> None:
     assert d.replica_id == "free"
     off = make_policy("headroom", max_wait_ratio=None, kv_blocked=None)
     assert off.pick(req(rid="q", prompt=100, out=1000), views, 100.0).replica_id == "capped"
+
+
+def test_headroom_a_nearly_full_cache_blocks_only_prompts_it_cannot_hold() -> None:
+    """The engine admits a waiting request once its prompt's blocks are free (decodes grow
+    later): a cache at 90 % with room for the prompts queued there and this one is not
+    admission-blocked, one whose queued prompts overflow its free blocks is."""
+
+    def cost(waiting: int, by_fit: bool) -> float:
+        pol = make_policy("headroom", debug=True, max_wait_ratio=None, blocked_by_fit=by_fit)
+        v = [view("a", waiting=waiting, running=20, kv=0.9, blocks=1000, profile=L4)]
+        scores = pol.pick(req(prompt=100, out=100), v, 100.0).scores
+        assert scores is not None
+        return scores["a"]
+
+    # 1600 free tokens; the mean uncached prompt before any pick is 512
+    assert cost(1, True) < cost(1, False)  # 2 x 512 fit: no wait for a finishing sequence
+    assert cost(4, True) == pytest.approx(cost(4, False))  # 5 x 512 do not: blocked either way
+
+
+def test_headroom_waits_a_whole_generation_share_per_request_behind_a_capped_batch() -> None:
+    """At its batch cap a replica frees a slot as any sequence ends (Little's law over whole
+    generations): each request waiting there adds running / (capped_output_share x mean
+    expected output x decode step) seconds, not the shorter full-cache share."""
+    seed = RateSeed(prefill_tokens_per_s=30_000, decode_step_s=0.02, decode_step_base_s=0.01,
+                    max_num_seqs=32)  # fmt: skip
+
+    def cost(waiting: int, **kw: float) -> float:
+        pol = make_policy("headroom", debug=True, max_wait_ratio=None, **kw)
+        v = [view("capped", waiting=waiting, running=32, profile=seed)]
+        scores = pol.pick(req(prompt=100, out=100), v, 100.0).scores
+        assert scores is not None
+        return scores["capped"]
+
+    step = seed.decode_step(32)
+    per_tok = 1 / seed.prefill_tokens_per_s + step / seed.chunk_tokens
+    # one more waiting request: its mean prompt (512 before any pick) plus one slot's wait, for
+    # the default mean output before any pick (256 tokens)
+    for share in (0.3, 0.65):
+        extra = cost(5, capped_output_share=share) - cost(4, capped_output_share=share)
+        assert extra == pytest.approx(512 * per_tok + share * 256 * step / 32)
