@@ -30,16 +30,6 @@ CONFIG_RELOADS = Counter(
     ["result"],
 )
 
-POLICIES = (
-    "round-robin",
-    "random",
-    "least-request",
-    "power-of-two",
-    "gie",
-    "cache-aware",
-    "headroom",
-)
-
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key, the value and what was expected."""
@@ -279,6 +269,8 @@ def _read_or_none(p: Path) -> str | None:
 
 def _check(cfg: Config) -> None:
     """Cross-field rules that types alone cannot say."""
+    from gateway.picker import POLICY_NAMES  # the picker owns its policies' names
+
     seen: set[str] = set()
     for i, pool in enumerate(cfg.pools):
         if pool.name in seen:
@@ -293,12 +285,16 @@ def _check(cfg: Config) -> None:
                 raise ConfigError(
                     f"pools[{i}].endpoints[{j}]: {ep!r} is not a URL; expected http://host:port"
                 )
-        if pool.policy and pool.policy not in POLICIES:
-            raise ConfigError(f"pools[{i}].policy: {pool.policy!r} is not one of {list(POLICIES)}")
+        if pool.policy and pool.policy not in POLICY_NAMES:
+            raise ConfigError(
+                f"pools[{i}].policy: {pool.policy!r} is not one of {list(POLICY_NAMES)}"
+            )
         if pool.gpus_per_replica < 1:
             raise ConfigError(f"pools[{i}].gpus_per_replica: {pool.gpus_per_replica} must be >= 1")
-    if cfg.gateway.policy not in POLICIES:
-        raise ConfigError(f"gateway.policy: {cfg.gateway.policy!r} is not one of {list(POLICIES)}")
+    if cfg.gateway.policy not in POLICY_NAMES:
+        raise ConfigError(
+            f"gateway.policy: {cfg.gateway.policy!r} is not one of {list(POLICY_NAMES)}"
+        )
     for key, addr in (("agent.listen", cfg.agent.listen), ("gateway.listen", cfg.gateway.listen)):
         _check_listen(key, addr)
     _check_controller(cfg)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from kvpilot.config import POLICIES
+from gateway.picker import POLICY_NAMES as POLICIES
 from sim.traces import WORKLOADS
 
 
