@@ -13,6 +13,7 @@ counts and totals are summed and ratios averaged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections import defaultdict
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import parse_labels
 
 from agent.rates import Totals
+from kvpilot.signals import ReplicaState
 
 Series = list[tuple[dict[str, str], float]]
 
@@ -152,6 +154,22 @@ class EngineReading:
     preemptions_total: int
     lora_adapters: tuple[str, ...]
     totals: Totals
+
+    def onto(self, state: ReplicaState) -> ReplicaState:
+        """`state` with what this scrape says about the engine (the scrape's own fields only)."""
+        return dataclasses.replace(
+            state,
+            models=tuple(dict.fromkeys(state.models + self.models)),
+            engine=self.engine,
+            waiting=self.waiting,
+            running=self.running,
+            kv_usage=self.kv_usage,
+            kv_blocks_total=self.kv_blocks_total,
+            kv_block_size=self.kv_block_size or state.kv_block_size,
+            prefix_cache_hit_ratio=self.prefix_hit_ratio or 0.0,
+            preemptions_total=self.preemptions_total,
+            lora_adapters=self.lora_adapters,
+        )
 
 
 def detect_engine(text: str) -> str | None:

@@ -205,23 +205,15 @@ class Collector:
         )
         if m is None:
             return base
-        hit = rec.prefix_cache_hit_ratio
-        if hit is None:
-            hit = m.prefix_hit_ratio
+        state = m.onto(base)
         return dataclasses.replace(
-            base,
-            models=tuple(dict.fromkeys(t.models + m.models)),
-            engine=m.engine,
-            waiting=m.waiting,
-            running=m.running,
-            kv_usage=m.kv_usage,
-            kv_blocks_total=m.kv_blocks_total,
-            kv_block_size=m.kv_block_size or base.kv_block_size,
-            prefix_cache_hit_ratio=hit or 0.0,
+            state,
+            # the window's hit ratio (from counters) beats the engine's own gauge, when there is one
+            prefix_cache_hit_ratio=rec.prefix_cache_hit_ratio
+            if rec.prefix_cache_hit_ratio is not None
+            else state.prefix_cache_hit_ratio,
             prompt_tokens_per_s=rec.prompt_tokens_per_s,
             generation_tokens_per_s=rec.generation_tokens_per_s,
             ttft_s=rec.ttft_s,
             tpot_s=rec.tpot_s,
-            preemptions_total=m.preemptions_total,
-            lora_adapters=m.lora_adapters,
         )

@@ -302,19 +302,9 @@ class StateFeeds:
             reading = read_metrics(text, self.engines.get(r.pool, "auto"))
         except (aiohttp.ClientError, TimeoutError, MetricsFormatError, UnicodeDecodeError):
             return  # no signal: the picker routes this replica on in-flight counts
-        state = ReplicaState(
-            replica_id=r.replica_id,
-            address=r.url,
-            pool=r.pool,
-            models=reading.models,
-            engine=reading.engine,
-            waiting=reading.waiting,
-            running=reading.running,
-            kv_usage=reading.kv_usage,
-            kv_blocks_total=reading.kv_blocks_total,
-            kv_block_size=reading.kv_block_size or 16,
-            preemptions_total=reading.preemptions_total,
-            lora_adapters=reading.lora_adapters,
-            observed_at=time.time(),
+        state = reading.onto(
+            ReplicaState(
+                replica_id=r.replica_id, address=r.url, pool=r.pool, observed_at=time.time()
+            )
         )
         self.fleet.observe_state(state, "scrape")
