@@ -24,11 +24,11 @@ import random
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from statistics import mean
 from typing import Any
 
+from sim.args import ints, names_from
 from sim.autoscale_policies import (
     DEFAULT_SWEEP,
     POLICY_NAMES,
@@ -40,6 +40,7 @@ from sim.autoscale_policies import (
     setting_label,
 )
 from sim.fleets import DEFAULT_MODEL, ReplicaSpec
+from sim.parallel import run_parallel
 from sim.provisioning import Cluster, Pod, ProvisioningConfig
 from sim.simulator import SimConfig, Simulation
 from sim.slo import slo_for
@@ -389,27 +390,12 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     rps = scenario.replica_rps()  # calibrate once, before any fork
     args = [(scenario, p, s, seed, rps) for p, s, seed in jobs]
-    rows: list[dict[str, Any] | None] = [None] * len(args)
-    if workers <= 1 or len(args) <= 1:
-        for i, a in enumerate(args):
-            rows[i] = _job(a)
-            if on_done:
-                on_done(rows[i])  # type: ignore[arg-type]
-    else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if hasattr(os, "fork") else None
-        # Slowest first (kvpilot, then the queue-based runs that build deep queues), so the
-        # last round is not one long run alone.
-        slow = {"kvpilot": 0, "hpa-queue": 1, "kpa": 2}
-        order = sorted(range(len(args)), key=lambda i: slow.get(args[i][1], 3))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futs = {pool.submit(_job, args[i]): i for i in order}
-            for fut in as_completed(futs):
-                rows[futs[fut]] = fut.result()
-                if on_done:
-                    on_done(rows[futs[fut]])  # type: ignore[arg-type]
-    return [r for r in rows if r is not None]
+    # Slowest first (kvpilot, then the queue-based runs that build deep queues), so the last
+    # round is not one long run alone.
+    slow = {"kvpilot": 0, "hpa-queue": 1, "kpa": 2}
+    return run_parallel(
+        _job, args, workers=workers, on_done=on_done, start_order=lambda a: slow.get(a[1], 3)
+    )
 
 
 MEAN_KEYS = (
@@ -581,23 +567,6 @@ def write_json(
 # ---- command line -----------------------------------------------------------------------------
 
 
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers") from None
-
-
-def _policies(s: str) -> list[str]:
-    names = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [n for n in names if n not in POLICY_NAMES]
-    if bad:
-        raise argparse.ArgumentTypeError(
-            f"unknown policy {bad[0]!r}; expected some of {list(POLICY_NAMES)}"
-        )
-    return names
-
-
 def _sweep(s: str) -> tuple[str, tuple[float, ...]]:
     name, _, vals = s.partition("=")
     if name not in DEFAULT_SWEEP or not vals:
@@ -614,8 +583,8 @@ def parser() -> argparse.ArgumentParser:
         description="Compare replica autoscaling policies over a compressed, bursty day.",
     )
     p.add_argument("--duration", type=float, default=3600.0, help="virtual seconds for 24 h")
-    p.add_argument("--seeds", type=_ints, default=[1])
-    p.add_argument("--policies", type=_policies, default=list(POLICY_NAMES))
+    p.add_argument("--seeds", type=ints, default=[1])
+    p.add_argument("--policies", type=names_from(POLICY_NAMES), default=list(POLICY_NAMES))
     p.add_argument(
         "--sweep",
         type=_sweep,

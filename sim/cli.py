@@ -13,31 +13,8 @@ import time
 from typing import Any
 
 from gateway.picker import POLICY_NAMES as POLICIES
+from sim.args import floats, ints, names_from
 from sim.traces import WORKLOADS
-
-
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated numbers") from None
-
-
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers") from None
-
-
-def _policies(s: str) -> list[str]:
-    names = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [n for n in names if n not in POLICIES]
-    if bad:
-        raise argparse.ArgumentTypeError(
-            f"unknown policy {bad[0]!r}; expected some of {list(POLICIES)}"
-        )
-    return names
 
 
 def routing_parser() -> argparse.ArgumentParser:
@@ -50,17 +27,17 @@ def routing_parser() -> argparse.ArgumentParser:
         "--fleet", default="8xl4", help="e.g. 8xl4, 6xl4+2xh100, 2xh100*2, or a YAML fleet file"
     )
     p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--policies", type=_policies, default=list(POLICIES))
+    p.add_argument("--policies", type=names_from(POLICIES), default=list(POLICIES))
     p.add_argument(
         "--load",
-        type=_floats,
+        type=floats,
         default=None,
         help="loads to run (1.0 = fleet saturation); default 0.5,0.8,0.95",
     )
     p.add_argument(
         "--find-capacity", action="store_true", help="bisect each policy's capacity at SLO"
     )
-    p.add_argument("--seeds", type=_ints, default=[1])
+    p.add_argument("--seeds", type=ints, default=[1])
     p.add_argument(
         "--duration", type=float, default=300.0, help="virtual seconds of arrivals per run"
     )

@@ -7,9 +7,7 @@ calibration happens once in the parent first so every worker reads the same load
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from statistics import mean
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 from sim.calibrate import fleet_saturation_rate
 from sim.fleets import FleetSpec
 from sim.metrics import summarise
+from sim.parallel import run_parallel
 from sim.simulator import EarlyStop, SimConfig, Simulation
 from sim.slo import Slo
 from sim.traces import make_trace
@@ -131,26 +130,7 @@ def run_jobs(
     """Run every (scenario, policy, load, seed); rows in the order of `jobs`."""
     for sc in {id(j[0]): j[0] for j in jobs}.values():
         sc.saturation_rps()  # calibrate once, before any fork
-    rows: list[dict[str, Any] | None] = [None] * len(jobs)
-    if workers <= 1 or len(jobs) <= 1:
-        for i, job in enumerate(jobs):
-            rows[i] = _run_job(job)
-            if on_done:
-                on_done(rows[i])  # type: ignore[arg-type]
-    else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if hasattr(os, "fork") else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
-            from concurrent.futures import as_completed
-
-            for fut in as_completed(futures):
-                row = fut.result()
-                rows[futures[fut]] = row
-                if on_done:
-                    on_done(row)
-    return [r for r in rows if r is not None]
+    return run_parallel(_run_job, jobs, workers=workers, on_done=on_done)
 
 
 AVERAGED_KEYS = (
