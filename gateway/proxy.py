@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from gateway import errors, metrics
+from gateway.deadline import Deadline
 from gateway.errors import GatewayError
 from gateway.estimate import Estimator, RequestFeatures, prompt_text
 from gateway.fleet import Fleet
@@ -328,12 +329,10 @@ class Gateway:
     async def _open(
         self, url: str, raw: bytes, headers: list[tuple[str, str]]
     ) -> aiohttp.ClientResponse:
+        """Send the request; the caller's Deadline bounds the wait for the response headers."""
         assert self.session is not None
         try:
-            async with asyncio.timeout(self.gw.first_byte_timeout_s):
-                resp = await self.session.post(url, data=raw, headers=headers)
-        except TimeoutError:
-            raise UpstreamFailed("timeout", "no response headers in time") from None
+            resp = await self.session.post(url, data=raw, headers=headers)
         except aiohttp.ClientConnectorError as e:
             raise UpstreamFailed("connect", str(e)) from None
         except (aiohttp.ClientError, OSError) as e:
@@ -346,17 +345,23 @@ class Gateway:
     async def _forward(
         self, url: str, raw: bytes, headers: list[tuple[str, str]], rid: str
     ) -> tuple[web.Response, _Outcome]:
-        resp = await self._open(url, raw, headers)
+        gw = self.gw
+        resp = None
         try:
-            try:
-                async with asyncio.timeout(self.gw.idle_timeout_s):
+            with Deadline(asyncio.get_running_loop(), gw.first_byte_timeout_s) as deadline:
+                resp = await self._open(url, raw, headers)
+                deadline.push(gw.idle_timeout_s)  # headers are in: the body must not stall
+                try:
                     data = await resp.read()
-            except TimeoutError:
-                raise UpstreamFailed("idle_timeout", "body stalled") from None
-            except (aiohttp.ClientError, OSError) as e:
-                raise UpstreamFailed("body", repr(e)) from None
+                except (aiohttp.ClientError, OSError) as e:
+                    raise UpstreamFailed("body", repr(e)) from None
+        except TimeoutError:
+            if resp is None:
+                raise UpstreamFailed("timeout", "no response headers in time") from None
+            raise UpstreamFailed("idle_timeout", "body stalled") from None
         finally:
-            resp.release()
+            if resp is not None:
+                resp.release()
         usage = None
         if resp.status == 200 and b'"usage"' in data:  # parse only what the estimator learns from
             try:
@@ -379,27 +384,38 @@ class Gateway:
         replica_id: str,
     ) -> tuple[web.StreamResponse, _Outcome]:
         t_sent = time.monotonic()
-        resp = await self._open(url, raw, headers)
+        gw = self.gw
+        resp = None
         try:
-            if resp.status != 200:  # an error answer (4xx): pass it on whole, it is small
-                try:
-                    async with asyncio.timeout(self.gw.idle_timeout_s):
+            # Until the first chunk has come the request may still go elsewhere: one deadline
+            # for the headers and that chunk.
+            with Deadline(asyncio.get_running_loop(), gw.first_byte_timeout_s) as deadline:
+                resp = await self._open(url, raw, headers)
+                if resp.status != 200:  # an error answer (4xx): pass it on whole, it is small
+                    deadline.push(gw.idle_timeout_s)
+                    try:
                         data = await resp.read()
-                except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                    raise UpstreamFailed("body", repr(e)) from None
-                out = web.Response(
-                    status=resp.status, body=data, headers=downstream_headers(resp, rid)
-                )
-                return out, _Outcome(resp.status)
-            content = resp.content
-            # Wait for the first chunk before answering the client: until then we may retry.
-            try:
-                async with asyncio.timeout(self.gw.first_byte_timeout_s):
+                    except (aiohttp.ClientError, OSError) as e:
+                        raise UpstreamFailed("body", repr(e)) from None
+                    resp.release()
+                    out = web.Response(
+                        status=resp.status, body=data, headers=downstream_headers(resp, rid)
+                    )
+                    return out, _Outcome(resp.status)
+                content = resp.content
+                try:
                     first = await content.readany()
-            except TimeoutError:
-                raise UpstreamFailed("timeout", "no first byte in time") from None
-            except (aiohttp.ClientError, OSError) as e:
-                raise UpstreamFailed("body", repr(e)) from None
+                except (aiohttp.ClientError, OSError) as e:
+                    raise UpstreamFailed("body", repr(e)) from None
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise UpstreamFailed("timeout", "no first byte in time") from None
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+        try:
             if not first:
                 raise UpstreamFailed("empty", "stream ended before its first byte")
             t_first = time.monotonic()
@@ -434,28 +450,30 @@ class Gateway:
         usage = _sse_usage(first)
         t_last = t_first
         idle = self.gw.idle_timeout_s
-        while True:
-            try:
-                async with asyncio.timeout(idle):
+        try:
+            # One deadline for the whole relay, pushed back per chunk: no timer per chunk.
+            with Deadline(asyncio.get_running_loop(), idle) as deadline:
+                while True:
                     chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                metrics.STREAM_ERRORS.labels(rt.config.name).inc()
-                log.warning("stream %s from %s broke after its first byte: %r", rid, replica_id, e)
-                await client.write(
-                    errors.sse_error_event(
-                        f"the model server failed mid-stream: {type(e).__name__}"
-                    )
-                )
-                await client.write_eof()
-                self.fleet.failed(replica_id, time.time())
-                return client, _Outcome(200, t_first - t_sent, None, None)
-            if not chunk:  # end of the stream
-                break
-            t_last = time.monotonic()
-            await client.write(chunk)
-            events += chunk.count(b"data: ")
-            if b'"usage":{' in chunk:
-                usage = _sse_usage(chunk) or usage
+                    if not chunk:  # end of the stream
+                        break
+                    t_last = time.monotonic()
+                    await client.write(chunk)
+                    deadline.push(idle)
+                    events += chunk.count(b"data: ")
+                    if b'"usage":{' in chunk:
+                        usage = _sse_usage(chunk) or usage
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            if isinstance(e, ConnectionResetError):  # the client went away, not the replica
+                raise
+            metrics.STREAM_ERRORS.labels(rt.config.name).inc()
+            log.warning("stream %s from %s broke after its first byte: %r", rid, replica_id, e)
+            await client.write(
+                errors.sse_error_event(f"the model server failed mid-stream: {type(e).__name__}")
+            )
+            await client.write_eof()
+            self.fleet.failed(replica_id, time.time())
+            return client, _Outcome(200, t_first - t_sent, None, None)
         await client.write_eof()
         tokens = max(0, events - 2)  # minus the first token's event and [DONE]
         tpot = (t_last - t_first) / tokens if tokens > 0 else None

@@ -61,7 +61,17 @@ class Upstream:
             request.transport.close()
             await asyncio.sleep(0.1)
             return web.Response()
+        if self.mode == "stall":  # never answers: no headers, no byte
+            await asyncio.sleep(3600)
         if not body.get("stream"):
+            if self.mode == "stall-body":  # headers and half the body, then nothing
+                data = orjson.dumps(_completion(self.name, chat))
+                head = web.StreamResponse(
+                    headers={"Content-Type": "application/json", "Content-Length": str(len(data))}
+                )
+                await head.prepare(request)
+                await head.write(data[:10])
+                await asyncio.sleep(3600)
             return web.json_response(_completion(self.name, chat))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -74,6 +84,8 @@ class Upstream:
                 return resp
             if self.mode == "gated":
                 await self.release.wait()
+            if self.mode == "stall-stream":  # the first chunk, then silence
+                await asyncio.sleep(3600)
             n = 200 if self.mode == "slow" else 5
             for i in range(1, n):
                 if self.mode == "slow":
@@ -391,6 +403,80 @@ async def test_stream_broken_after_first_byte_ends_with_sse_error() -> None:
                 ):
                     pass
             await client.close()
+    finally:
+        assert up.server is not None
+        await up.server.close()
+
+
+async def test_first_byte_timeout_retries_elsewhere() -> None:
+    ups = await start_upstreams("stall", "ok")
+    before = sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout")
+    try:
+        cfg = config([u.url for u in ups], first_byte_timeout_s=0.3, eject_after_failures=100)
+        async with run_gateway(cfg, port=0) as base:
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            for i in range(4):  # round-robin: two of these start on the stalled replica
+                r = await client.completions.create(model=MODEL, prompt=f"hi {i}")
+                assert r.choices[0].text == "r1"
+                parts = [
+                    ev.choices[0].text
+                    async for ev in await client.completions.create(
+                        model=MODEL, prompt=f"s{i}", stream=True
+                    )
+                ]
+                assert parts[0] == "r1-0 "
+            await client.close()
+    finally:
+        for u in ups:
+            assert u.server is not None
+            await u.server.close()
+    assert ups[0].hits >= 2
+    assert sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout") >= before + 2
+
+
+async def test_body_stalled_after_headers_is_an_idle_timeout() -> None:
+    ups = await start_upstreams("stall-body", "ok")
+    before = sample("kvpilot_gateway_retries_total", pool="llama", reason="idle_timeout")
+    try:
+        # A long first-byte limit: only the idle timer (after the headers) can end the wait.
+        cfg = config(
+            [u.url for u in ups],
+            first_byte_timeout_s=30,
+            idle_timeout_s=0.3,
+            eject_after_failures=100,
+        )
+        async with run_gateway(cfg, port=0) as base:
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            for i in range(2):
+                r = await asyncio.wait_for(
+                    client.completions.create(model=MODEL, prompt=f"hi {i}"), 10
+                )
+                assert r.choices[0].text == "r1"
+            await client.close()
+    finally:
+        for u in ups:
+            assert u.server is not None
+            await u.server.close()
+    after = sample("kvpilot_gateway_retries_total", pool="llama", reason="idle_timeout")
+    assert ups[0].hits >= 1 and after == before + ups[0].hits  # each stalled body timed out
+
+
+async def test_stream_stalled_after_first_byte_ends_with_sse_error() -> None:
+    (up,) = await start_upstreams("stall-stream")
+    try:
+        cfg = config([up.url], first_byte_timeout_s=30, idle_timeout_s=0.3)
+        async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi", "stream": True}
+            async with s.post(f"{base}/completions", json=body) as resp:
+                assert resp.status == 200
+                raw = await asyncio.wait_for(resp.read(), 10)
+        events = [e for e in raw.split(b"\n\n") if e]
+        assert b"r0-0" in events[0]
+        err = orjson.loads(events[1].removeprefix(b"data: "))
+        assert (
+            err["error"]["code"] == "upstream_failed" and "TimeoutError" in err["error"]["message"]
+        )
+        assert events[-1] == b"data: [DONE]"
     finally:
         assert up.server is not None
         await up.server.close()
