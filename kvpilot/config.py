@@ -98,7 +98,7 @@ class GatewayConfig:
         True  # headroom holds requests when no replica fits (else fail open)
     )
     workers: int = 1  # processes sharing the listen port (SO_REUSEPORT), each with its own account
-    # The SLO headroom routes and releases held requests by (gateway/picker.py's defaults):
+    # The SLO headroom routes and releases held requests by (gateway/headroom.py's defaults):
     # TTFT target = ttft_target_s + ttft_per_1k_tokens_s x prompt tokens / 1000.
     ttft_target_s: float = 1.0
     ttft_per_1k_tokens_s: float = 0.2
