@@ -203,7 +203,7 @@ class AgentSet:
             return {u for u in self.clients if u == url or _same_service(u, url)}
         if addresses == [host]:
             return {url}
-        return {_with_host(parts, a) for a in addresses}
+        return {with_host(parts, a) for a in addresses}
 
     async def _follow(self, client: AgentWatchClient) -> None:
         async for state in client:
@@ -220,7 +220,8 @@ class AgentSet:
         self._tasks.clear()
 
 
-def _with_host(parts: SplitResult, address: str) -> str:
+def with_host(parts: SplitResult, address: str) -> str:
+    """`parts` (a split URL) with its host replaced by `address` (IPv6 in brackets)."""
     host = f"[{address}]" if ":" in address else address
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit(parts._replace(netloc=netloc)).rstrip("/")

@@ -84,17 +84,20 @@ async def serve(path: str, cfg: Config, *, once: bool = False, dry_run: bool = F
 async def _stack(
     cfg: Config, session: aiohttp.ClientSession
 ) -> AsyncIterator[tuple[Controller, list]]:
+    from controller.demand import GatewayDemand
+
     agents = cfg.controller.agents or cfg.gateway.agents
     states = AgentStates(agents, session)
     closers: list = [states.close]
     c = cfg.controller
+    demand = GatewayDemand(c.gateways, session) if c.gateways else None
     try:
         if c.mode == "local":
             from controller.local import LocalActuator
 
             actuator = LocalActuator(gpu=c.local_gpu, time_scale=c.local_time_scale)
             closers.append(actuator.close)
-            yield Controller(cfg, actuator, states), closers
+            yield Controller(cfg, actuator, states, demand=demand), closers
             return
         from controller.actuators import GkeNodes, KubeActuator, PlaceholderNodes
         from controller.gke import GkeNodePools
@@ -147,6 +150,7 @@ async def _stack(
                 nodes=nodes,
                 leader=leader,  # type: ignore[arg-type]
                 accelerator_for=accelerator_for,
+                demand=demand,
             ),
             closers,
         )

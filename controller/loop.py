@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
+from controller.demand import PoolDemand
 from controller.nodepools import AcceleratorInventory, PoolGpuDemand, plan_accelerators
 from controller.replicas import Decision, PoolObservation, ReplicaAutoscaler
 from kvpilot.config import Config, PoolConfig, PoolScalingConfig
@@ -89,9 +90,11 @@ class Controller:
         leader: Callable[[], asyncio.Future[bool]] | None = None,
         clock: Callable[[], float] = time.time,
         accelerator_for: Callable[[PoolTarget], str] | None = None,
+        demand: Callable[[], Awaitable[dict[str, PoolDemand]]] | None = None,
     ) -> None:
         self.actuator = actuator
         self.states = states
+        self.demand = demand  # the gateways' held requests and request rate (controller/demand.py)
         self.nodes = nodes
         self.leader = leader
         self.clock = clock
@@ -120,6 +123,13 @@ class Controller:
         by_pool: dict[str, list[ReplicaState]] = {}
         for s in self.states():
             by_pool.setdefault(s.pool, []).append(s)
+        demand: dict[str, PoolDemand] = {}
+        if self.demand is not None:
+            try:
+                demand = await self.demand()
+            except Exception as e:  # decide on the agents' states alone
+                ERRORS.labels("*", "demand").inc()
+                log.error("cannot read the gateways' demand: %s", e)
         decisions: dict[str, Decision] = {}
         for t in self.targets:
             try:
@@ -128,8 +138,10 @@ class Controller:
                 ERRORS.labels(t.name, "read").inc()
                 log.error("pool %s: cannot read its size, holding: %s", t.name, e)
                 continue
+            pd = demand.get(t.name, PoolDemand())
             d = self.autoscalers[t.name].decide(
-                PoolObservation(current, by_pool.get(t.name, ())), now
+                PoolObservation(current, by_pool.get(t.name, ()), pd.held, pd.arrival_rate_rps),
+                now,
             )
             decisions[t.name] = d
             self._export(t.name, d)

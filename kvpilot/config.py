@@ -149,6 +149,9 @@ class ControllerConfig:
     interval_s: float = 15.0
     dry_run: bool = False
     agents: tuple[str, ...] = ()  # agent URLs; defaults to gateway.agents
+    # Gateway URLs (a headless Service name finds every gateway pod) whose /metrics say how many
+    # requests wait for each pool: the only demand signal of a pool scaled to zero.
+    gateways: tuple[str, ...] = ()
     listen: str = "127.0.0.1:9300"  # /metrics and /healthz
     pools: dict[str, PoolScalingConfig] = field(default_factory=dict)
     node_actuator: Literal["none", "placeholders", "gke"] = "none"
@@ -347,6 +350,10 @@ def _check_controller(cfg: Config) -> None:
         raise ConfigError(f"controller.interval_s: {c.interval_s} must be > 0 seconds")
     if c.lease_duration_s < 2:
         raise ConfigError(f"controller.lease_duration_s: {c.lease_duration_s} must be >= 2 seconds")
+    for key, urls in (("controller.agents", c.agents), ("controller.gateways", c.gateways)):
+        for j, url in enumerate(urls):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{key}[{j}]: {url!r} is not a URL; expected http://host:port")
     if c.node_actuator == "gke" and not (c.gke_project and c.gke_location and c.gke_cluster):
         raise ConfigError(
             "controller.node_actuator: 'gke' needs controller.gke_project, gke_location and gke_cluster"

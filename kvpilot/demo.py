@@ -48,6 +48,7 @@ from rich.text import Text
 
 from agent.client import AgentWatchClient
 from agent.run import running_agent
+from controller.demand import GatewayDemand
 from controller.local import LocalActuator
 from controller.loop import Controller, PoolTarget
 from controller.replicas import Decision
@@ -135,6 +136,7 @@ def main_config(settings: DemoSettings, slots: list[Slot], agents: list[str], po
         "controller": {
             "mode": "local",
             "interval_s": settings.controller_interval_s,
+            "gateways": [f"http://127.0.0.1:{port}"],  # held requests and request rate
             "local_time_scale": settings.time_scale,
             "pools": {
                 POOL: {
@@ -608,7 +610,9 @@ async def run_demo(settings: DemoSettings, console: Console, stop: asyncio.Event
             running = actuator.running()
             return [s for s in agents.replicas() if s.address.rstrip("/") in running]
 
-        controller = Controller(cfg, actuator, running_states)
+        # And on the gateway's held requests and request rate (`controller.gateways`).
+        demand = GatewayDemand(cfg.controller.gateways, http)
+        controller = Controller(cfg, actuator, running_states, demand=demand)
         stack.push_async_callback(stop_task, asyncio.create_task(controller.run(stop)))
         stack.push_async_callback(stop_task, asyncio.create_task(sync.run()))
         console.print(

@@ -9,6 +9,7 @@ injectable faults (a status for the next matching request, or a hang past the cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -447,3 +448,72 @@ async def test_loop_placeholders_for_headroom(cluster: Any) -> None:
         "nvidia-l4"
     }
     assert gauge("kvpilot_controller_placeholder_gpus", accelerator="nvidia-l4") == 2
+
+
+# --- scale from zero: the gateway holds a request, the controller reads it from the gateway ----
+
+from controller.demand import GatewayDemand, PoolDemand  # noqa: E402
+from gateway.app import run_gateway  # noqa: E402
+
+
+def zero_config(endpoints: list[str]) -> Any:
+    return parse_config(
+        {
+            "pools": [
+                {
+                    "name": "llama",
+                    "models": ["llama-3.1-8b"],
+                    "namespace": "ml",
+                    "endpoints": endpoints,
+                }
+            ],
+            "gateway": {"queue_timeout_s": 20, "scrape_fallback": False},
+            "controller": {
+                "pools": {"llama": {"min_replicas": 0, "max_replicas": 4, "scale_to_zero": True}}
+            },
+        }
+    )
+
+
+async def test_held_request_scales_a_pool_up_from_zero(cluster: Any) -> None:
+    k8s, api = cluster
+    k8s.objects[DEPLOY, "ml", "llama"] = workload("llama", 0)
+    cfg = zero_config([])  # no replica: the gateway holds what arrives
+    async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+        root = base.removesuffix("/v1")
+        demand = GatewayDemand([root], s)
+        ctl = Controller(cfg, KubeActuator(KubeScaler(api, FAST)), list, demand=demand)
+        # Nothing held, nothing answered: a pool at zero stays at zero.
+        d = (await ctl.tick())["llama"]
+        assert (d.current, d.desired) == (0, 0)
+        body = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 4}
+        held = asyncio.create_task(s.post(f"{base}/completions", json=body))
+        try:
+            for _ in range(100):  # bounded: until the gateway reports the request held
+                if (await demand()).get("llama", PoolDemand()).held:
+                    break
+                await asyncio.sleep(0.05)
+            d = (await ctl.tick())["llama"]
+            assert (d.current, d.desired) == (0, 1) and "from zero" in d.reason
+            assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 1
+        finally:
+            held.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await held
+
+
+async def test_gateways_that_do_not_answer_leave_the_controller_on_agent_states(
+    cluster: Any,
+) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    async with aiohttp.ClientSession() as s:
+        demand = GatewayDemand(["http://127.0.0.1:9"], s, timeout_s=0.5)  # nothing listens
+        ctl = Controller(
+            loop_config(),
+            KubeActuator(KubeScaler(api, FAST)),
+            lambda: busy(2, now),
+            clock=lambda: now,
+            demand=demand,
+        )
+        assert (await ctl.tick())["llama"].desired == 4  # as without gateways

@@ -5,6 +5,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
+from kvpilot.config import load_config
 from tests.kustomize import K8S_VERSION, MANIFESTS, render
 
 
@@ -23,6 +24,7 @@ def test_every_document_validates_strictly(docs: list[dict]) -> None:
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "Service",
             "Service",
             "PodDisruptionBudget",
         ]
@@ -57,3 +59,17 @@ def test_deployment_serves_what_the_service_and_pdb_select(docs: list[dict]) -> 
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "kvpilot-gateway"
     assert pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]
+
+
+def test_the_controller_reads_every_gateway_pod(docs: list[dict]) -> None:
+    """controller.gateways names a headless Service that selects the gateway pods on their port."""
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    pods = next(d for d in docs if d["metadata"]["name"] == "kvpilot-gateway-pods")
+    assert pods["spec"]["clusterIP"] == "None"
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert pods["spec"]["selector"].items() <= pod_labels.items()
+    port = dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert pods["spec"]["ports"][0]["port"] == port
+    (url,) = load_config(MANIFESTS / "base" / "kvpilot.yaml").controller.gateways
+    ns = pods["metadata"]["namespace"]
+    assert url == f"http://kvpilot-gateway-pods.{ns}.svc.cluster.local:{port}"
