@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import os
 import time
@@ -119,6 +120,7 @@ class Gateway:
         self.model_pool: dict[str, str] = {}
         self.cfg = cfg
         self.gw: GatewayConfig = cfg.gateway
+        self._seq = itertools.count()
         self.configure(cfg)
 
     # ---- configuration -----------------------------------------------------------------------
@@ -208,7 +210,13 @@ class Gateway:
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         """POST /v1/completions or /v1/chat/completions."""
         t0 = time.monotonic()
-        rid = request.headers.get("x-request-id") or os.urandom(16).hex()
+        rid = request.headers.get("x-request-id")
+        if rid:
+            # Clients reuse ids (a retry while the first try still runs, a fixed header): the
+            # in-flight account needs a key of its own per request.
+            key = f"{rid}#{next(self._seq)}"
+        else:
+            rid = key = os.urandom(16).hex()
         pool_name = model = ""
         try:
             self.check_auth(request)
@@ -227,7 +235,7 @@ class Gateway:
                 text = prompt_text(body)
             except (TypeError, ValueError, KeyError, AttributeError) as e:
                 raise errors.bad_request(f"cannot read the prompt: {e}", "messages") from None
-            req = self.estimator.features(rid, model, text, max_tokens, priority)
+            req = self.estimator.features(key, model, text, max_tokens, priority)
         except GatewayError as e:
             metrics.child(metrics.REQUESTS, pool_name, model, "", str(e.status)).inc()
             return e.response(rid)

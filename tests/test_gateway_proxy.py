@@ -506,6 +506,46 @@ async def test_client_leaving_cancels_upstream() -> None:
         await up.server.close()
 
 
+async def test_requests_sharing_a_client_request_id_are_accounted_apart() -> None:
+    """Clients reuse x-request-id (a retry while the first try still runs, a fixed header): the
+    in-flight account must count each request, and drop each when it ends."""
+    (up,) = await start_upstreams("gated")
+    try:
+        async with run_gateway(config([up.url]), port=0) as base, aiohttp.ClientSession() as s:
+            root = base.removesuffix("/v1")
+
+            async def inflight() -> float:
+                async with s.get(f"{root}/metrics") as r:
+                    text = await r.text()
+                return sum(
+                    float(ln.rsplit(" ", 1)[1])
+                    for ln in text.splitlines()
+                    if ln.startswith("kvpilot_gateway_inflight_requests") and up.url in ln
+                )
+
+            async def one() -> bytes:
+                body = {"model": MODEL, "prompt": "hi", "stream": True}
+                async with s.post(
+                    f"{base}/completions", json=body, headers={"x-request-id": "same"}
+                ) as r:
+                    assert r.headers["x-request-id"] == "same"
+                    return await r.read()
+
+            tasks = [asyncio.create_task(one()) for _ in range(2)]
+            for _ in range(100):  # bounded: until both are in flight upstream
+                if up.hits == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert await inflight() == 2
+            up.release.set()
+            for out in await asyncio.gather(*tasks):
+                assert out.endswith(b"data: [DONE]\n\n")
+            assert await inflight() == 0
+    finally:
+        assert up.server is not None
+        await up.server.close()
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 
