@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,18 +61,29 @@ class PlaceholderNodes:
 
 @dataclass
 class GkeNodes:
-    """Sets fixed-size GKE node pools to the planned node count (only when it changes)."""
+    """Sets fixed-size GKE node pools to the nodes their pools' GPUs need (only on a change).
+
+    Nodes = ⌈GPUs needed on the node pool / GPUs per node⌉, GPUs per node read from the node
+    pool's own config (GKE API), so a 4-L4 g2-standard-48 pool gets a quarter of the nodes a
+    1-GPU-per-replica count would ask for.
+    """
 
     gke: GkeNodePools
     _last: dict[str, int] = field(default_factory=dict)
 
     async def apply(self, plans: dict[str, AcceleratorPlan], targets: Sequence[PoolTarget]) -> None:
-        by_np: dict[str, int] = {}
+        gpus: dict[str, int] = {}  # node pool -> GPUs its pools need
+        seen: set[tuple[str, str]] = set()
         for t in targets:
             p = plans.get(t.pool.accelerator)
-            if t.scaling.node_pool and p is not None and p.target_nodes is not None:
-                by_np[t.scaling.node_pool] = max(by_np.get(t.scaling.node_pool, 0), p.target_nodes)
-        for np, n in sorted(by_np.items()):
-            if self._last.get(np) != n:
-                await self.gke.set_size(np, n)
-                self._last[np] = n
+            np = t.scaling.node_pool
+            if not np or p is None or (np, p.accelerator) in seen:
+                continue
+            seen.add((np, p.accelerator))  # an accelerator's plan counts once per node pool
+            # Never fewer than the replicas that exist request: shrinking is for them to do.
+            gpus[np] = gpus.get(np, 0) + max(p.gpus_needed, p.gpus_requested)
+        for np, n in sorted(gpus.items()):
+            nodes = math.ceil(n / await self.gke.gpus_per_node(np))
+            if self._last.get(np) != nodes:
+                await self.gke.set_size(np, nodes)
+                self._last[np] = nodes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -36,6 +36,7 @@ class GkeNodePools:
     backoff_s: float = 0.5
     _token: str = ""
     _token_expires: float = 0.0
+    _gpus_per_node: dict[str, int] = field(default_factory=dict)
 
     async def token(self) -> str:
         if self._token and time.monotonic() < self._token_expires - 60:
@@ -58,31 +59,58 @@ class GkeNodePools:
             f"/clusters/{self.cluster}/nodePools/{node_pool}"
         )
 
+    async def gpus_per_node(self, node_pool: str) -> int:
+        """GPUs on each node of the pool (its machine type's accelerators), read once and kept.
+
+        `GET .../nodePools/NP`: `config.accelerators[].acceleratorCount` (an int64, sent as a JSON
+        string). g2-standard-48 has 4 L4s, a3-highgpu-8g 8 H100s: nodes = GPUs / this, not one
+        node per replica.
+        """
+        cached = self._gpus_per_node.get(node_pool)
+        if cached is not None:
+            return cached
+        body = await self._call("GET", self.node_pool_url(node_pool), None, f"get {node_pool}")
+        accelerators = (body.get("config") or {}).get("accelerators") or []
+        n = sum(int(a.get("acceleratorCount", 0)) for a in accelerators)
+        if n < 1:
+            raise GkeError(f"node pool {node_pool} has no GPUs in its config: {accelerators!r}")
+        self._gpus_per_node[node_pool] = n
+        return n
+
     async def set_size(self, node_pool: str, node_count: int) -> dict[str, Any]:
         """Resize a node pool; retries 5xx, 429 and timeouts with backoff; returns the Operation."""
         if node_count < 0:
             raise ValueError(f"node_count {node_count} < 0")
         url = self.node_pool_url(node_pool) + ":setSize"
+        return await self._call(
+            "POST", url, {"nodeCount": node_count}, f"setSize {node_pool}={node_count}"
+        )
+
+    async def _call(
+        self, method: str, url: str, body: dict[str, Any] | None, what: str
+    ) -> dict[str, Any]:
+        """One API call with the metadata token; 5xx, 429 and timeouts retried with backoff."""
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
                 token = await self.token()
-                async with self.session.post(
+                async with self.session.request(
+                    method,
                     url,
-                    json={"nodeCount": node_count},
+                    json=body,
                     headers={"Authorization": f"Bearer {token}"},
                     timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 ) as r:
                     if r.status == 200:
-                        return await r.json()
+                        return await r.json()  # type: ignore[no-any-return]
                     text = await r.text()
                     if r.status == 401:
                         self._token = ""  # expired or revoked: fetch a new one
                     elif r.status < 500 and r.status != 429:
-                        raise GkeError(f"setSize {node_pool}={node_count}: HTTP {r.status}: {text}")
+                        raise GkeError(f"{what}: HTTP {r.status}: {text}")
                     last = GkeError(f"HTTP {r.status}: {text[:200]}")
             except (aiohttp.ClientError, TimeoutError) as e:
                 last = e
-            log.warning("GKE setSize %s attempt %d failed: %s", node_pool, attempt + 1, last)
+            log.warning("GKE %s attempt %d failed: %s", what, attempt + 1, last)
             await asyncio.sleep(self.backoff_s * 2**attempt)
-        raise GkeError(f"setSize {node_pool}={node_count} failed after retries: {last}")
+        raise GkeError(f"{what} failed after retries: {last}")

@@ -73,6 +73,9 @@ class FakeGke:
     """The metadata token endpoint and the container API's nodePools:setSize, on 127.0.0.1."""
 
     def __init__(self) -> None:
+        # GPUs per node of each node pool, as its machine type has them (g2-standard-48: 4 L4s)
+        self.gpus: dict[str, int] = {"l4-pool": 4, "h100-pool": 8}
+        self.gets = 0
         self.sizes: dict[str, int] = {}
         self.fail: list[int | str] = []  # statuses (or "hang") for the next setSize calls
         self.tokens_issued = 0
@@ -84,7 +87,17 @@ class FakeGke:
         app.router.add_post(
             "/v1/projects/{p}/locations/{l}/clusters/{c}/nodePools/{np}:setSize", self.set_size
         )
+        app.router.add_get("/v1/projects/{p}/locations/{l}/clusters/{c}/nodePools/{np}", self.get)
         return app
+
+    async def get(self, request: web.Request) -> web.Response:
+        """nodePools.get, the part we read: the machine type's accelerators (count as a string)."""
+        self.gets += 1
+        np = request.match_info["np"]
+        if np not in self.gpus:
+            return web.json_response({"error": {"code": 404}}, status=404)
+        acc = {"acceleratorCount": str(self.gpus[np]), "acceleratorType": "nvidia-l4"}
+        return web.json_response({"name": np, "config": {"accelerators": [acc]}})
 
     async def token(self, request: web.Request) -> web.Response:
         if request.headers.get("Metadata-Flavor") != "Google":
@@ -161,3 +174,48 @@ async def test_set_size_gives_up_on_4xx_without_resizing(gke: Any) -> None:
     with pytest.raises(GkeError, match="HTTP 400"):
         await client.set_size("l4-pool", 2)
     assert fake.sizes == {}
+
+
+async def test_gke_nodes_count_nodes_by_the_node_pools_gpus_per_node(gke: Any) -> None:
+    """7 replicas x 1 GPU + 2 spare on 4-GPU nodes: 3 nodes (not 9 nodes of one replica each)."""
+    from controller.actuators import GkeNodes
+    from controller.loop import targets
+    from kvpilot.config import parse_config
+
+    fake, client = gke
+    cfg = parse_config(
+        {
+            "pools": [
+                {"name": "a", "models": ["m"], "accelerator": "nvidia-l4"},
+                {"name": "b", "models": ["m"], "accelerator": "nvidia-l4"},
+            ],
+            "controller": {"pools": {"a": {"node_pool": "l4-pool"}, "b": {"node_pool": "l4-pool"}}},
+        }
+    )
+    nodes = GkeNodes(client)
+
+    def plans(a: int, b: int) -> Any:
+        return plan_accelerators(
+            [
+                PoolGpuDemand("a", "nvidia-l4", 1, a, a, headroom_gpus=2),
+                PoolGpuDemand("b", "nvidia-l4", 1, b, b),
+            ]
+        )
+
+    await nodes.apply(plans(4, 3), targets(cfg))
+    assert fake.sizes == {"l4-pool": 3}  # ceil((4 + 2 + 3) / 4)
+    await nodes.apply(plans(4, 3), targets(cfg))  # no change: no call
+    await nodes.apply(plans(5, 5), targets(cfg))
+    assert fake.sizes == {"l4-pool": 3}  # 12 GPUs still fit 3 nodes
+    await nodes.apply(plans(6, 5), targets(cfg))
+    assert fake.sizes == {"l4-pool": 4}
+    assert fake.gets == 1  # the node pool's shape is read once
+
+
+async def test_gke_nodes_refuse_a_node_pool_without_gpus(gke: Any) -> None:
+    fake, client = gke
+    fake.gpus["cpu-pool"] = 0
+    with pytest.raises(GkeError, match="no GPUs"):
+        await client.gpus_per_node("cpu-pool")
+    with pytest.raises(GkeError, match="HTTP 404"):
+        await client.gpus_per_node("missing-pool")
