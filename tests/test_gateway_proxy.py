@@ -8,6 +8,7 @@ chunk, or stream slowly so that a client can leave mid-stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -146,14 +147,21 @@ def _chunk(name: str, i: int, chat: bool) -> bytes:
     return b"data: " + orjson.dumps(c) + b"\n\n"
 
 
-async def start_upstreams(*modes: str) -> list[Upstream]:
-    ups = []
-    for i, mode in enumerate(modes):
-        u = Upstream(f"r{i}", mode)
-        u.server = TestServer(u.app(), handler_cancellation=True)
-        await u.server.start_server()
-        ups.append(u)
-    return ups
+@contextlib.asynccontextmanager
+async def running(*modes: str) -> AsyncIterator[list[Upstream]]:
+    """One upstream per mode (named r0, r1, ...), all closed on the way out."""
+    ups: list[Upstream] = []
+    try:
+        for i, mode in enumerate(modes):
+            u = Upstream(f"r{i}", mode)
+            u.server = TestServer(u.app(), handler_cancellation=True)
+            await u.server.start_server()
+            ups.append(u)
+        yield ups
+    finally:
+        for u in ups:
+            assert u.server is not None
+            await u.server.close()
 
 
 def closed_port_url() -> str:
@@ -180,11 +188,8 @@ def config(urls: list[str], **gateway: Any) -> Any:
 
 @pytest.fixture
 async def upstreams() -> AsyncIterator[list[Upstream]]:
-    ups = await start_upstreams("ok", "ok", "ok")
-    yield ups
-    for u in ups:
-        assert u.server is not None
-        await u.server.close()
+    async with running("ok", "ok", "ok") as ups:
+        yield ups
 
 
 def sample(name: str, **labels: str) -> float:
@@ -213,24 +218,23 @@ async def test_openai_client_non_streaming_spreads_over_replicas(upstreams: list
 
 
 async def test_stream_is_relayed_chunk_by_chunk_not_buffered() -> None:
-    (up,) = await start_upstreams("gated")
-    try:
-        async with run_gateway(config([up.url]), port=0) as base, aiohttp.ClientSession() as s:
-            body = {"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": 8}
-            async with s.post(f"{base}/completions", json=body) as resp:
-                assert resp.status == 200
-                assert resp.headers["Content-Type"].startswith("text/event-stream")
-                # The upstream holds the rest back until we have seen the first chunk: a
-                # buffering proxy would deadlock here (and the test would time out).
-                first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
-                assert b"r0-0" in first
-                up.release.set()
-                rest = await resp.read()
-            assert rest.endswith(b"data: [DONE]\n\n")
-            assert rest.count(b"data: ") == 5  # chunks 1..4 and [DONE]
-    finally:
-        assert up.server is not None
-        await up.server.close()
+    async with (
+        running("gated") as (up,),
+        run_gateway(config([up.url]), port=0) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        body = {"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": 8}
+        async with s.post(f"{base}/completions", json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            # The upstream holds the rest back until we have seen the first chunk: a
+            # buffering proxy would deadlock here (and the test would time out).
+            first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+            assert b"r0-0" in first
+            up.release.set()
+            rest = await resp.read()
+        assert rest.endswith(b"data: [DONE]\n\n")
+        assert rest.count(b"data: ") == 5  # chunks 1..4 and [DONE]
 
 
 async def test_openai_client_streams_chat_and_completions(upstreams: list[Upstream]) -> None:
@@ -327,10 +331,9 @@ async def test_api_keys_required_and_not_forwarded(upstreams: list[Upstream]) ->
 
 
 async def test_refused_and_503_replicas_are_retried_elsewhere() -> None:
-    ups = await start_upstreams("ok", "503")
-    urls = [closed_port_url(), ups[0].url, ups[1].url]
-    before = sample("kvpilot_gateway_retries_total", pool="llama", reason="connect")
-    try:
+    async with running("ok", "503") as ups:
+        urls = [closed_port_url(), ups[0].url, ups[1].url]
+        before = sample("kvpilot_gateway_retries_total", pool="llama", reason="connect")
         cfg = config(urls, eject_after_failures=100)
         async with run_gateway(cfg, port=0) as base:
             client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
@@ -345,17 +348,12 @@ async def test_refused_and_503_replicas_are_retried_elsewhere() -> None:
                 ]
                 assert parts[0] == "r0-0 "
             await client.close()
-    finally:
-        for u in ups:
-            assert u.server is not None
-            await u.server.close()
     assert ups[1].hits > 0  # the 503 replica was tried, and its requests went elsewhere
     assert sample("kvpilot_gateway_retries_total", pool="llama", reason="connect") > before
 
 
 async def test_consecutive_failures_eject_a_replica() -> None:
-    ups = await start_upstreams("ok", "503")
-    try:
+    async with running("ok", "503") as ups:
         cfg = config([ups[0].url, ups[1].url], eject_after_failures=2, eject_for_s=60)
         async with run_gateway(cfg, port=0) as base:
             client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
@@ -363,10 +361,6 @@ async def test_consecutive_failures_eject_a_replica() -> None:
                 r = await client.completions.create(model=MODEL, prompt="hi")
                 assert r.choices[0].text == "r0"
             await client.close()
-    finally:
-        for u in ups:
-            assert u.server is not None
-            await u.server.close()
     assert ups[1].hits == 2  # two failures, then out of rotation for the rest
 
 
@@ -383,35 +377,27 @@ async def test_all_replicas_failing_answers_502_json() -> None:
 
 
 async def test_stream_broken_after_first_byte_ends_with_sse_error() -> None:
-    (up,) = await start_upstreams("break")
-    try:
-        async with run_gateway(config([up.url]), port=0) as base:
-            async with aiohttp.ClientSession() as s:
-                body = {"model": MODEL, "prompt": "hi", "stream": True}
-                async with s.post(f"{base}/completions", json=body) as resp:
-                    assert resp.status == 200
-                    raw = await resp.read()
-            events = [e for e in raw.split(b"\n\n") if e]
-            assert b"r0-0" in events[0]
-            err = orjson.loads(events[1].removeprefix(b"data: "))
-            assert err["error"]["code"] == "upstream_failed"
-            assert events[-1] == b"data: [DONE]"
-            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
-            with pytest.raises(openai.APIError):
-                async for _ in await client.completions.create(
-                    model=MODEL, prompt="x", stream=True
-                ):
-                    pass
-            await client.close()
-    finally:
-        assert up.server is not None
-        await up.server.close()
+    async with running("break") as (up,), run_gateway(config([up.url]), port=0) as base:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi", "stream": True}
+            async with s.post(f"{base}/completions", json=body) as resp:
+                assert resp.status == 200
+                raw = await resp.read()
+        events = [e for e in raw.split(b"\n\n") if e]
+        assert b"r0-0" in events[0]
+        err = orjson.loads(events[1].removeprefix(b"data: "))
+        assert err["error"]["code"] == "upstream_failed"
+        assert events[-1] == b"data: [DONE]"
+        client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+        with pytest.raises(openai.APIError):
+            async for _ in await client.completions.create(model=MODEL, prompt="x", stream=True):
+                pass
+        await client.close()
 
 
 async def test_first_byte_timeout_retries_elsewhere() -> None:
-    ups = await start_upstreams("stall", "ok")
-    before = sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout")
-    try:
+    async with running("stall", "ok") as ups:
+        before = sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout")
         cfg = config([u.url for u in ups], first_byte_timeout_s=0.3, eject_after_failures=100)
         async with run_gateway(cfg, port=0) as base:
             client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
@@ -426,18 +412,13 @@ async def test_first_byte_timeout_retries_elsewhere() -> None:
                 ]
                 assert parts[0] == "r1-0 "
             await client.close()
-    finally:
-        for u in ups:
-            assert u.server is not None
-            await u.server.close()
     assert ups[0].hits >= 2
     assert sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout") >= before + 2
 
 
 async def test_body_stalled_after_headers_is_an_idle_timeout() -> None:
-    ups = await start_upstreams("stall-body", "ok")
-    before = sample("kvpilot_gateway_retries_total", pool="llama", reason="idle_timeout")
-    try:
+    async with running("stall-body", "ok") as ups:
+        before = sample("kvpilot_gateway_retries_total", pool="llama", reason="idle_timeout")
         # A long first-byte limit: only the idle timer (after the headers) can end the wait.
         cfg = config(
             [u.url for u in ups],
@@ -453,17 +434,12 @@ async def test_body_stalled_after_headers_is_an_idle_timeout() -> None:
                 )
                 assert r.choices[0].text == "r1"
             await client.close()
-    finally:
-        for u in ups:
-            assert u.server is not None
-            await u.server.close()
     after = sample("kvpilot_gateway_retries_total", pool="llama", reason="idle_timeout")
     assert ups[0].hits >= 1 and after == before + ups[0].hits  # each stalled body timed out
 
 
 async def test_stream_stalled_after_first_byte_ends_with_sse_error() -> None:
-    (up,) = await start_upstreams("stall-stream")
-    try:
+    async with running("stall-stream") as (up,):
         cfg = config([up.url], first_byte_timeout_s=30, idle_timeout_s=0.3)
         async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
             body = {"model": MODEL, "prompt": "hi", "stream": True}
@@ -477,73 +453,64 @@ async def test_stream_stalled_after_first_byte_ends_with_sse_error() -> None:
             err["error"]["code"] == "upstream_failed" and "TimeoutError" in err["error"]["message"]
         )
         assert events[-1] == b"data: [DONE]"
-    finally:
-        assert up.server is not None
-        await up.server.close()
 
 
 async def test_client_leaving_cancels_upstream() -> None:
-    (up,) = await start_upstreams("slow")
-    try:
-        async with run_gateway(config([up.url]), port=0) as base:
-            async with aiohttp.ClientSession() as s:
-                body = {"model": MODEL, "prompt": "hi", "stream": True}
-                resp = await s.post(f"{base}/completions", json=body)
-                await resp.content.readuntil(b"\n\n")
-                resp.close()  # the client goes away mid-stream
-            await asyncio.wait_for(up.cancelled.wait(), 10)
-            root = base.removesuffix("/v1")
-            async with aiohttp.ClientSession() as s, s.get(f"{root}/metrics") as r:
-                text = await r.text()
-            inflight = [
-                ln
-                for ln in text.splitlines()
-                if ln.startswith("kvpilot_gateway_inflight_requests") and up.url in ln
-            ]
-            assert inflight and inflight[0].endswith(" 0.0")
-    finally:
-        assert up.server is not None
-        await up.server.close()
+    async with running("slow") as (up,), run_gateway(config([up.url]), port=0) as base:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi", "stream": True}
+            resp = await s.post(f"{base}/completions", json=body)
+            await resp.content.readuntil(b"\n\n")
+            resp.close()  # the client goes away mid-stream
+        await asyncio.wait_for(up.cancelled.wait(), 10)
+        root = base.removesuffix("/v1")
+        async with aiohttp.ClientSession() as s, s.get(f"{root}/metrics") as r:
+            text = await r.text()
+        inflight = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("kvpilot_gateway_inflight_requests") and up.url in ln
+        ]
+        assert inflight and inflight[0].endswith(" 0.0")
 
 
 async def test_requests_sharing_a_client_request_id_are_accounted_apart() -> None:
     """Clients reuse x-request-id (a retry while the first try still runs, a fixed header): the
     in-flight account must count each request, and drop each when it ends."""
-    (up,) = await start_upstreams("gated")
-    try:
-        async with run_gateway(config([up.url]), port=0) as base, aiohttp.ClientSession() as s:
-            root = base.removesuffix("/v1")
+    async with (
+        running("gated") as (up,),
+        run_gateway(config([up.url]), port=0) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        root = base.removesuffix("/v1")
 
-            async def inflight() -> float:
-                async with s.get(f"{root}/metrics") as r:
-                    text = await r.text()
-                return sum(
-                    float(ln.rsplit(" ", 1)[1])
-                    for ln in text.splitlines()
-                    if ln.startswith("kvpilot_gateway_inflight_requests") and up.url in ln
-                )
+        async def inflight() -> float:
+            async with s.get(f"{root}/metrics") as r:
+                text = await r.text()
+            return sum(
+                float(ln.rsplit(" ", 1)[1])
+                for ln in text.splitlines()
+                if ln.startswith("kvpilot_gateway_inflight_requests") and up.url in ln
+            )
 
-            async def one() -> bytes:
-                body = {"model": MODEL, "prompt": "hi", "stream": True}
-                async with s.post(
-                    f"{base}/completions", json=body, headers={"x-request-id": "same"}
-                ) as r:
-                    assert r.headers["x-request-id"] == "same"
-                    return await r.read()
+        async def one() -> bytes:
+            body = {"model": MODEL, "prompt": "hi", "stream": True}
+            async with s.post(
+                f"{base}/completions", json=body, headers={"x-request-id": "same"}
+            ) as r:
+                assert r.headers["x-request-id"] == "same"
+                return await r.read()
 
-            tasks = [asyncio.create_task(one()) for _ in range(2)]
-            for _ in range(100):  # bounded: until both are in flight upstream
-                if up.hits == 2:
-                    break
-                await asyncio.sleep(0.02)
-            assert await inflight() == 2
-            up.release.set()
-            for out in await asyncio.gather(*tasks):
-                assert out.endswith(b"data: [DONE]\n\n")
-            assert await inflight() == 0
-    finally:
-        assert up.server is not None
-        await up.server.close()
+        tasks = [asyncio.create_task(one()) for _ in range(2)]
+        for _ in range(100):  # bounded: until both are in flight upstream
+            if up.hits == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert await inflight() == 2
+        up.release.set()
+        for out in await asyncio.gather(*tasks):
+            assert out.endswith(b"data: [DONE]\n\n")
+        assert await inflight() == 0
 
 
 # ---- bad input -----------------------------------------------------------------------------
