@@ -322,7 +322,11 @@ class ReplicaAutoscaler:
         self._demand.update(tokens, now)
         # Capacity = tokens/s per unit of saturation, from the two smoothed sums: learned only
         # while replicas are busy enough for throughput to say something about their limit, and
-        # slowly, so one burst or one idle minute does not move it much.
+        # slowly, so one burst or one idle minute does not move it much. "Busy enough" means
+        # near the utilization held, not merely busy: saturation grows faster than throughput
+        # as a replica fills (each step takes longer with a bigger batch), so a lightly loaded
+        # pool (the night) reads ~15 % more tokens per unit of saturation than a replica serves
+        # at 0.65, and a forecast divided by that asks too few replicas at the start of a ramp.
         if load > 0 and tokens > 0 and load / n_fresh >= cfg.capacity_min_saturation:
             est = tokens / load
             if self._capacity is None:

@@ -115,7 +115,7 @@ class PoolScalingConfig:
     kv_target: float = 0.8  # KV-cache usage per replica
     batch_target: float = 48.0  # running requests per replica
     tolerance: float = 0.1
-    target_utilization: float = 0.6  # saturation to hold: the rest is headroom for bursts
+    target_utilization: float = 0.65  # saturation to hold: the rest is headroom for bursts
     scale_up_margin: float = 0.1  # a scale-up goes this much past the need (fewer actions)
     scale_down_tolerance: float = 0.2  # scale down only below (1 - this) x current replicas
     scale_up_percent: float = 100.0  # per scale_up_period_s ...
@@ -134,7 +134,7 @@ class PoolScalingConfig:
     trend_beta: float = 0.1  # Holt trend smoothing, per decision
     trend_damping_s: float = 1800.0  # the trend fades with this time constant over the lead time
     capacity_tokens_per_s: float = 0.0  # one replica at saturation 1; 0 = learn it
-    capacity_min_saturation: float = 0.3  # learn capacity only from replicas at least this busy
+    capacity_min_saturation: float = 0.5  # learn capacity only from replicas at least this busy
     capacity_learn_rate: float = 0.05  # per decision
     kind: Literal["Deployment", "StatefulSet", "LeaderWorkerSet"] = "Deployment"
     target: str = ""  # workload name; defaults to the pool name
@@ -383,6 +383,10 @@ def _check_controller(cfg: Config) -> None:
         ):
             if not lo < getattr(s, k) <= hi:
                 raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be in ({lo:g}, {hi:g}]")
+        if not 0 <= s.capacity_min_saturation <= 1:
+            raise ConfigError(
+                f"{key}.capacity_min_saturation: {s.capacity_min_saturation} must be in [0, 1]"
+            )
         if not 0 <= s.trend_beta <= 1 or not 0 <= s.scale_down_tolerance < 1:
             raise ConfigError(
                 f"{key}: trend_beta must be in [0, 1] and scale_down_tolerance in [0, 1)"

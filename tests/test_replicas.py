@@ -291,7 +291,12 @@ def test_forecast_is_steady_on_noisy_token_rates() -> None:
 def test_config_rejects_bad_scaling_values(tmp_path) -> None:  # noqa: ANN001
     from kvpilot.config import ConfigError, load_config
 
-    for bad in ("target_utilization: 0", "scale_down_tolerance: 1", "trend_damping_s: 0"):
+    for bad in (
+        "target_utilization: 0",
+        "scale_down_tolerance: 1",
+        "trend_damping_s: 0",
+        "capacity_min_saturation: 1.5",
+    ):
         f = tmp_path / "k.yaml"
         f.write_text(
             "pools:\n  - name: p\n    models: [m]\n    endpoints: [http://127.0.0.1:1]\n"
@@ -312,3 +317,30 @@ def test_forecast_never_asks_past_max_replicas() -> None:
         ]
         d = a.decide(PoolObservation(4, states), t)
     assert d is not None and d.forecast == 6
+
+
+def test_capacity_is_learned_only_from_replicas_near_the_held_utilization() -> None:
+    # Saturation grows faster than throughput as a replica fills, so a lightly loaded pool
+    # overstates what a replica serves at the held utilization: it teaches no capacity (and so
+    # makes no forecast) below capacity_min_saturation, and does once the replicas are busier.
+    cfg = dataclasses.replace(CFG, forecast=True, demand_window_s=1.0)
+
+    def last_forecast(a: ReplicaAutoscaler, sat: float, start: float) -> int | None:
+        d = None
+        for step in range(20):
+            t = start + 15 * step
+            states = [
+                rs(i, running=round(sat * 40), generation_tokens_per_s=1000 * sat, observed_at=t)
+                for i in range(4)
+            ]
+            d = a.decide(PoolObservation(4, states), t)
+        assert d is not None
+        return d.forecast
+
+    strict = ReplicaAutoscaler(dataclasses.replace(cfg, capacity_min_saturation=0.5))
+    loose = ReplicaAutoscaler(dataclasses.replace(cfg, capacity_min_saturation=0.3))
+    assert last_forecast(loose, 0.4, 1000.0) == 2  # 4 x 400 tok/s at 1000 tok/s per replica
+    assert last_forecast(strict, 0.4, 1000.0) is None
+    # At saturation 0.6 it learns 1000 tok/s per unit: 2400 tok/s -> 3 replicas (or one more
+    # while the step from 1600 tok/s still shows in the trend).
+    assert last_forecast(strict, 0.6, 2000.0) in (3, 4)
