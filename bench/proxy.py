@@ -5,8 +5,10 @@
 Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
 that the machine's load drifts over all of them alike): the backend itself
 (bench/fixed_backend.py), the kvpilot gateway (`kvpilot gateway`, headroom policy, one process,
-and with `--workers N` also N worker processes on one port), vllm-router (`--policy round_robin`,
-when installed) and nginx as a plain reverse proxy with upstream keep-alive (when installed). For
+and with `--workers N` also N worker processes on one port), the aiohttp floor
+(bench/aiohttp_floor.py: the least an aiohttp server + ClientSession proxy costs), vllm-router
+(`--policy round_robin`, when installed) and nginx as a plain reverse proxy with upstream
+keep-alive (when installed). For
 each target and repetition:
   - max: requests/s with `--connections` connections, p50/p99 latency, and the target's CPU time
     per request (its whole process tree, user + system, from /proc);
@@ -238,6 +240,10 @@ def main() -> int:
             name = "kvpilot gateway" + (f" ({w} workers)" if w > 1 else "")
             cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
             commands.append((name, [*cmd, "--log-level", "WARNING"], gport, True))
+        fport = free_port()
+        floor = [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport)]
+        floor += ["--upstream", f"http://127.0.0.1:{bport}"]
+        commands.append(("aiohttp floor (minimal proxy)", floor, fport, True))
         router = shutil.which("vllm-router") or str(Path(PY).parent / "vllm-router")
         if Path(router).exists():
             rport = free_port()
@@ -324,7 +330,7 @@ def main() -> int:
     vr = results.get(("vllm-router", "max"), [])
     for name in names:
         gw = results.get((name, "max"), [])
-        if name.startswith("kvpilot") and vr and len(gw) == len(vr):
+        if name.startswith(("kvpilot", "aiohttp")) and vr and len(gw) == len(vr):
             ratios = [g.rps / v.rps for g, v in zip(gw, vr, strict=True)]
             print(
                 f"\n{name} / vllm-router requests/s (max), per repetition: "
