@@ -257,7 +257,9 @@ class Headroom(BasePolicy):
             return
         _, ttft_pred, tpot_pred = pred
         b, c = self.learn_bound, self.learn_clip
+        learned = False
         if ttft_s is not None and ttft_s > 0 and ttft_pred > 1e-3:
+            learned = True
             # predictions were stored uncorrected: this log-ratio is the whole correction; one
             # observation moves the estimate by at most learn_rate x learn_clip (an unlucky
             # queue is not a trend)
@@ -267,6 +269,7 @@ class Headroom(BasePolicy):
             lr.log_ttft = max(-b, min(b, lr.log_ttft))
             self._glob[0] += a * max(-c, min(c, x - self._glob[0]))
         if tpot_s is not None and tpot_s > 0 and tpot_pred > 1e-4:
+            learned = True
             x = math.log(tpot_s / tpot_pred)
             a = self.learn_rate_tpot
             lr.log_tpot += a * max(-c, min(c, x - lr.log_tpot))
@@ -282,8 +285,9 @@ class Headroom(BasePolicy):
                 self._drop_entry(other)
             for other in self._rep.values():
                 other.derived = ()
-        lr.derived = ()  # the correction changed: re-derive at the next pick
-        self._drop_entry(replica_id)
+        if learned:  # the correction changed: re-derive at the next pick
+            lr.derived = ()
+            self._drop_entry(replica_id)
 
     def forget(self, replica_id: str) -> None:
         self._rep.pop(replica_id, None)
