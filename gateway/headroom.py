@@ -223,13 +223,16 @@ class Headroom(BasePolicy):
         self._entries: dict[str, tuple[Any, ...]] = {}
         # large fleets: the same arithmetic over numpy arrays (when numpy is installed)
         self.vector_min_replicas = vector_min_replicas
+        # Made at the first pick over that many replicas, and kept up from then on: a smaller
+        # pool never pays for copying each changed entry into the array.
         self._cols: _Columns | None = None
+        self._np: Any = None
         try:
             import numpy
 
-            self._cols = _Columns(numpy)
+            self._np = numpy
         except ImportError:  # the gateway image may not ship numpy: the plain loop does it all
-            self._cols = None
+            self._np = None
         # request id -> (replica, predicted TTFT, predicted TPOT), for observe()
         self._pending: dict[str, tuple[str, float, float]] = {}
         self.learn_max_queue = learn_max_queue
@@ -655,7 +658,9 @@ class Headroom(BasePolicy):
         start = self._start % n
         self._start += 1
         order = replicas[start:] + replicas[:start] if start else replicas  # fair ties
-        if self._cols is not None and n >= self.vector_min_replicas:
+        if self._np is not None and n >= self.vector_min_replicas:
+            if self._cols is None:  # every view is new to it: _scan_vector fills it
+                self._cols = _Columns(self._np)
             best, best_x = self._scan_vector(order, p, o, tpb, matches, now, target)
         else:
             best, best_x = self._scan(order, p, o, tpb, matches, now, target)
