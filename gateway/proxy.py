@@ -458,6 +458,7 @@ class Gateway:
         usage = _sse_usage(first)
         t_last = t_first
         idle = self.gw.idle_timeout_s
+        writing = False  # what the relay waits on: the replica (reading) or the client
         try:
             # One deadline for the whole relay, pushed back per chunk: no timer per chunk.
             with Deadline(asyncio.get_running_loop(), idle) as deadline:
@@ -466,7 +467,9 @@ class Gateway:
                     if not chunk:  # end of the stream
                         break
                     t_last = time.monotonic()
+                    writing = True
                     await client.write(chunk)
+                    writing = False
                     deadline.push(idle)
                     events += chunk.count(b"data: ")
                     if b'"usage":{' in chunk:
@@ -474,6 +477,11 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             if isinstance(e, ConnectionResetError):  # the client went away, not the replica
                 raise
+            if writing:  # the client stopped reading: not the replica's fault, nobody to tell
+                log.info("stream %s: the client read nothing for %.0f s; closing it", rid, idle)
+                if request.transport is not None:
+                    request.transport.close()
+                return client, _Outcome(499, t_first - t_sent)
             metrics.STREAM_ERRORS.labels(rt.config.name).inc()
             log.warning("stream %s from %s broke after its first byte: %r", rid, replica_id, e)
             await client.write(

@@ -87,6 +87,10 @@ class Upstream:
                 await self.release.wait()
             if self.mode == "stall-stream":  # the first chunk, then silence
                 await asyncio.sleep(3600)
+            if self.mode == "flood":  # as fast as the socket takes it (bounded: 256 MB)
+                blob = b"data: " + b"x" * 65536 + b"\n\n"
+                for _ in range(4096):
+                    await resp.write(blob)
             n = 200 if self.mode == "slow" else 5
             for i in range(1, n):
                 if self.mode == "slow":
@@ -453,6 +457,26 @@ async def test_stream_stalled_after_first_byte_ends_with_sse_error() -> None:
             err["error"]["code"] == "upstream_failed" and "TimeoutError" in err["error"]["message"]
         )
         assert events[-1] == b"data: [DONE]"
+
+
+async def test_a_client_that_stops_reading_is_closed_without_blaming_the_replica() -> None:
+    async with (
+        running("flood") as (up,),
+        run_gateway(config([up.url], idle_timeout_s=0.3), port=0) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        failed = sample("kvpilot_gateway_stream_errors_total", pool="llama")
+        body = {"model": MODEL, "prompt": "hi", "stream": True}
+        resp = await s.post(f"{base}/completions", json=body)
+        await resp.content.readuntil(b"\n\n")  # the first chunk, then nothing more is read
+        # The gateway's writes back up, its idle timer fires on the client: it closes the
+        # connection, which ends the upstream request too.
+        await asyncio.wait_for(up.cancelled.wait(), 30)
+        resp.close()
+        assert sample("kvpilot_gateway_stream_errors_total", pool="llama") == failed
+        # The replica was not held responsible: it still serves.
+        r = await s.post(f"{base}/completions", json={"model": MODEL, "prompt": "hi"})
+        assert r.status == 200
 
 
 async def test_client_leaving_cancels_upstream() -> None:
