@@ -402,7 +402,7 @@ async def test_stream_broken_after_first_byte_ends_with_sse_error() -> None:
 async def test_first_byte_timeout_retries_elsewhere() -> None:
     async with running("stall", "ok") as ups:
         before = sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout")
-        cfg = config([u.url for u in ups], first_byte_timeout_s=0.3, eject_after_failures=100)
+        cfg = config([u.url for u in ups], first_byte_timeout_s=0.6, eject_after_failures=100)
         async with run_gateway(cfg, port=0) as base:
             client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
             for i in range(4):  # round-robin: two of these start on the stalled replica
@@ -427,7 +427,7 @@ async def test_body_stalled_after_headers_is_an_idle_timeout() -> None:
         cfg = config(
             [u.url for u in ups],
             first_byte_timeout_s=30,
-            idle_timeout_s=0.3,
+            idle_timeout_s=0.6,
             eject_after_failures=100,
         )
         async with run_gateway(cfg, port=0) as base:
@@ -444,7 +444,7 @@ async def test_body_stalled_after_headers_is_an_idle_timeout() -> None:
 
 async def test_stream_stalled_after_first_byte_ends_with_sse_error() -> None:
     async with running("stall-stream") as (up,):
-        cfg = config([up.url], first_byte_timeout_s=30, idle_timeout_s=0.3)
+        cfg = config([up.url], first_byte_timeout_s=30, idle_timeout_s=0.6)
         async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
             body = {"model": MODEL, "prompt": "hi", "stream": True}
             async with s.post(f"{base}/completions", json=body) as resp:
@@ -462,7 +462,7 @@ async def test_stream_stalled_after_first_byte_ends_with_sse_error() -> None:
 async def test_a_client_that_stops_reading_is_closed_without_blaming_the_replica() -> None:
     async with (
         running("flood") as (up,),
-        run_gateway(config([up.url], idle_timeout_s=0.3), port=0) as base,
+        run_gateway(config([up.url], idle_timeout_s=0.6), port=0) as base,
         aiohttp.ClientSession() as s,
     ):
         failed = sample("kvpilot_gateway_stream_errors_total", pool="llama")
