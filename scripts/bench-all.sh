@@ -24,6 +24,7 @@ run $PY bench/modelserver_overhead.py
 run $PY bench/agent.py --seconds 20
 run $PY bench/picker.py
 run $PY bench/proxy.py --duration 5 --repeat 3
+run $PY bench/hop_latency.py
 run $PY bench/gateway_workers.py
 run $PY bench/sim_speed.py --duration 600
 run $PY bench/sim_fidelity.py
