@@ -56,6 +56,7 @@ class Replica:
     ejected_until: float = 0.0
     inflight: int = 0
     started: set[str] = field(default_factory=set)
+    view: ReplicaView | None = None  # the last view handed out, reused while nothing changed
 
 
 class Fleet:
@@ -151,18 +152,29 @@ class Fleet:
         """Pickable replicas of a pool (terminating, ejected, unhealthy and excluded ones left out)."""
         out: list[ReplicaView] = []
         profile = self.profiles.get(pool)
+        oldest = now - self.stale_after_s
+        inflight_of = self.ledger.get
         for r in self.pools.get(pool, {}).values():
             if r.terminating or r.ejected_until > now or r.replica_id in exclude:
                 continue
             state = r.state
             if state is not None:
-                if state.age(now) > self.stale_after_s:
+                if state.observed_at < oldest:
                     state = None  # too old to trust: route on in-flight counts alone
                 elif not state.healthy:
                     continue  # its agent says it stopped answering
-            out.append(
-                ReplicaView(r.replica_id, state, self.ledger.get(r.replica_id), False, profile)
-            )
+            inflight = inflight_of(r.replica_id)
+            v = r.view
+            # The same view object while its parts are the same: no allocation per replica per
+            # pick, and headroom reuses its per-replica entry for an unchanged view.
+            if (
+                v is None
+                or v.state is not state
+                or v.inflight is not inflight
+                or (v.profile is not profile)
+            ):
+                v = r.view = ReplicaView(r.replica_id, state, inflight, False, profile)
+            out.append(v)
         return out
 
     def replica(self, replica_id: str) -> Replica | None:
