@@ -11,7 +11,8 @@ each new state inside the pick that first sees it, so that cost is in the figure
 is timed, on two clocks: the thread's CPU time (what a pick costs, whatever else the machine
 runs) and wall time (what a request waits, preemptions included); the in-flight account of the picked replica is updated between picks (the
 gateway does that anyway), and the request features are computed beforehand (timed separately:
-the estimator runs once per request, whatever the policy).
+the estimator runs once per request, whatever the policy). `headroom+fleet` times what the
+gateway runs per request instead: the fleet's views of the pool (`gateway/fleet.py`) and the pick.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def make_states(n: int, now: float, rng: random.Random) -> list[ReplicaState]:
 def bench(
     name: str, n: int, reqs: list[RequestFeatures], seed: int, scrape_s: float = 0.25
 ) -> dict[str, float]:
+    if name == "headroom+fleet":
+        return bench_fleet(n, reqs, seed, scrape_s)
     rng = random.Random(seed)
     if name == "headroom-loop":  # headroom without numpy: the plain loop at every size
         pol = make_policy("headroom", seed=seed, vector_min_replicas=10**9)
@@ -148,6 +151,54 @@ def bench(
     }
 
 
+def bench_fleet(
+    n: int, reqs: list[RequestFeatures], seed: int, scrape_s: float = 0.25
+) -> dict[str, float]:
+    """headroom as the gateway calls it: `Fleet.views` (the pool's replicas, their states and
+    in-flight accounts) and `pick`, both timed; each request finishes 32 picks after it started."""
+    from gateway.fleet import Endpoint, Fleet
+
+    rng = random.Random(seed)
+    pol = make_policy("headroom", seed=seed)
+    fleet = Fleet(stale_after_s=5.0)
+    now = 1000.0
+    states = make_states(n, now, rng)
+    fleet.set_endpoints("p", [Endpoint(s.replica_id, s.address) for s in states])
+    fleet.profiles = {"p": L4}
+    for s in states:
+        fleet.observe_state(s)
+    started: list[tuple[str, str]] = []
+    times, cpu, due = [], 0, 0.0
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+    for r in reqs:
+        now += 0.001
+        c0 = cpu_clock()
+        t0 = clock()
+        d = pol.pick(r, fleet.views("p", now), now)
+        times.append(clock() - t0)
+        cpu += cpu_clock() - c0
+        assert d.replica_id is not None
+        fleet.start(d.replica_id, r, now)
+        started.append((d.replica_id, r.request_id))
+        if len(started) > 32:
+            fleet.finish(*started.pop(0), now)
+        due += n * 0.001 / scrape_s
+        while due >= 1.0:
+            due -= 1.0
+            fleet.observe_state(make_state(rng.randrange(n), now, rng))
+    times.sort()
+    us = [t / 1000 for t in times]
+    return {
+        "policy": "headroom+fleet",
+        "replicas": n,
+        "picks": len(us),
+        "mean_us": statistics.fmean(us),
+        "cpu_mean_us": cpu / len(us) / 1000,
+        "p50_us": us[len(us) // 2],
+        "p99_us": us[int(len(us) * 0.99)],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--picks", type=int, default=3000, help="picks per policy at 64 replicas (fewer at 1,000)"
     )
-    ap.add_argument("--policies", default=",".join((*POLICY_NAMES, "headroom-loop")))
+    ap.add_argument(
+        "--policies", default=",".join((*POLICY_NAMES, "headroom-loop", "headroom+fleet"))
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the fastest is shown")
     ap.add_argument("--json", default="")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,19 @@ class Replica:
     view: ReplicaView | None = None  # the last view handed out, reused while nothing changed
 
 
+@dataclass
+class _PoolViews:
+    """A pool's views as the last pick saw them. Between picks only the replicas something
+    happened to (a state, a request started or ended, an ejection) are looked at again, so a
+    pick over a large pool does not rebuild every replica's view."""
+
+    views: dict[str, ReplicaView | None]  # replica id -> its view; None while not pickable
+    built_at: float
+    valid_until: float  # the first moment a state goes stale or an ejection ends
+    profile: RateSeed | None
+    dirty: set[str] = field(default_factory=set)
+
+
 class Fleet:
     """Replicas per pool, their latest states and the in-flight ledger."""
 
@@ -80,6 +94,7 @@ class Fleet:
         self.on_change = on_change
         self.synced: set[str] = set()  # pools whose discovery has reported at least once
         self.profiles: dict[str, RateSeed | None] = {}  # pool -> speed seed for its replicas
+        self._views: dict[str, _PoolViews] = {}
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -103,6 +118,7 @@ class Fleet:
             self.by_address[r.url] = r
             self.by_id[r.replica_id] = r
         self.pools[pool] = new
+        self._views.pop(pool, None)
         self.synced.add(pool)
         self._publish_counts(pool, time.time())
         self._changed(pool)
@@ -127,6 +143,7 @@ class Fleet:
         r.state = state
         r.state_source = source
         self.ledger.observed(r.replica_id, state.observed_at)
+        self._touch(r)
         self._changed(r.pool)
         return True
 
@@ -150,32 +167,56 @@ class Fleet:
         self, pool: str, now: float, exclude: frozenset[str] = frozenset()
     ) -> list[ReplicaView]:
         """Pickable replicas of a pool (terminating, ejected, unhealthy and excluded ones left out)."""
-        out: list[ReplicaView] = []
         profile = self.profiles.get(pool)
-        oldest = now - self.stale_after_s
-        inflight_of = self.ledger.get
-        for r in self.pools.get(pool, {}).values():
-            if r.terminating or r.ejected_until > now or r.replica_id in exclude:
-                continue
-            state = r.state
-            if state is not None:
-                if state.observed_at < oldest:
-                    state = None  # too old to trust: route on in-flight counts alone
-                elif not state.healthy:
-                    continue  # its agent says it stopped answering
-            inflight = inflight_of(r.replica_id)
-            v = r.view
-            # The same view object while its parts are the same: no allocation per replica per
-            # pick, and headroom reuses its per-replica entry for an unchanged view.
-            if (
-                v is None
-                or v.state is not state
-                or v.inflight is not inflight
-                or (v.profile is not profile)
-            ):
-                v = r.view = ReplicaView(r.replica_id, state, inflight, False, profile)
-            out.append(v)
-        return out
+        c = self._views.get(pool)
+        reps = self.pools.get(pool, {})
+        if c is None or not c.built_at <= now < c.valid_until or c.profile is not profile:
+            c = self._views[pool] = _PoolViews({}, now, math.inf, profile)
+            c.dirty.update(reps)
+            c.views = dict.fromkeys(reps)  # the pool's order, whatever order the rebuild takes
+        if c.dirty:
+            for rid in c.dirty:
+                r = reps.get(rid)
+                if r is not None:
+                    c.views[rid], until = self._view(r, now, profile)
+                    c.valid_until = min(c.valid_until, until)
+            c.dirty.clear()
+        if exclude:
+            return [v for v in c.views.values() if v is not None and v.replica_id not in exclude]
+        return [v for v in c.views.values() if v is not None]
+
+    def _view(
+        self, r: Replica, now: float, profile: RateSeed | None
+    ) -> tuple[ReplicaView | None, float]:
+        """`r`'s view at `now` (None: not pickable) and until when it holds without news."""
+        if r.terminating:
+            return None, math.inf
+        if r.ejected_until > now:
+            return None, r.ejected_until
+        state, until = r.state, math.inf
+        if state is not None:
+            until = state.observed_at + self.stale_after_s
+            if until <= now:
+                state, until = None, math.inf  # too old to trust: route on in-flight counts alone
+            elif not state.healthy:
+                return None, until  # its agent says it stopped answering
+        inflight = self.ledger.get(r.replica_id)
+        v = r.view
+        # The same view object while its parts are the same: headroom reuses its per-replica
+        # entry for an unchanged view.
+        if (
+            v is None
+            or v.state is not state
+            or v.inflight is not inflight
+            or v.profile is not profile
+        ):
+            v = r.view = ReplicaView(r.replica_id, state, inflight, False, profile)
+        return v, until
+
+    def _touch(self, r: Replica) -> None:
+        c = self._views.get(r.pool)
+        if c is not None:
+            c.dirty.add(r.replica_id)
 
     def replica(self, replica_id: str) -> Replica | None:
         return self.by_id.get(replica_id)
@@ -190,16 +231,22 @@ class Fleet:
         block = r.state.kv_block_size if r is not None and r.state is not None else 16
         self.ledger.start(replica_id, req, now, block_size=block or 16)
         if r is not None:
+            self._touch(r)
             r.inflight += 1
             r.started.add(req.request_id)
             metrics.child(metrics.INFLIGHT, r.pool, replica_id).inc()
 
     def first_token(self, replica_id: str, request_id: str, now: float) -> None:
         self.ledger.first_token(replica_id, request_id, now)
+        r = self.by_id.get(replica_id)
+        if r is not None:
+            self._touch(r)
 
     def finish(self, replica_id: str, request_id: str, now: float) -> None:
         self.ledger.finish(replica_id, request_id, now)
         r = self.by_id.get(replica_id)
+        if r is not None:
+            self._touch(r)
         if r is not None and request_id in r.started:
             r.started.discard(request_id)
             r.inflight -= 1
@@ -219,6 +266,7 @@ class Fleet:
         r.failures += 1
         if r.failures >= self.eject_after and r.ejected_until <= now:
             r.ejected_until = now + self.eject_for_s
+            self._touch(r)
             r.failures = 0
             metrics.EJECTIONS.labels(r.pool, replica_id).inc()
             log.warning(

@@ -50,3 +50,22 @@ def test_a_view_is_the_same_object_until_its_state_or_account_changes() -> None:
     assert after["r1"] is first["r1"]
     f.observe_state(state(1, NOW + 2))  # a new state for r1
     assert {v.replica_id: v for v in f.views("p", NOW + 2)}["r1"] is not first["r1"]
+
+
+def test_views_change_with_time_alone_and_keep_the_pools_order() -> None:
+    """Between picks only touched replicas are looked at again; what time changes on its own (a
+    state going stale, an ejection ending) must still show at the next pick."""
+    f = fleet(5)
+    for i in range(5):
+        f.observe_state(state(i, NOW))
+    assert [v.replica_id for v in f.views("p", NOW)] == ["r0", "r1", "r2", "r3", "r4"]
+    f.failed("r1", NOW)  # ejected until NOW + 10
+    f.observe_state(state(2, NOW + 3, healthy=False))
+    assert [v.replica_id for v in f.views("p", NOW + 4)] == ["r0", "r3", "r4"]
+    # NOW + 6: the states of r0, r3, r4 (from NOW) are stale; r2's unhealthy one (NOW + 3) not yet.
+    later = f.views("p", NOW + 6)
+    assert [v.replica_id for v in later] == ["r0", "r3", "r4"]
+    assert all(v.state is None for v in later)
+    # NOW + 9: r2's unhealthy state is stale too, so r2 is offered (on in-flight counts alone).
+    assert [v.replica_id for v in f.views("p", NOW + 9)] == ["r0", "r2", "r3", "r4"]
+    assert [v.replica_id for v in f.views("p", NOW + 10)] == ["r0", "r1", "r2", "r3", "r4"]
