@@ -7,7 +7,6 @@ everything; tests and the demo pass their own GPU source or Kubernetes client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -27,6 +26,7 @@ from agent.metrics import StateCollector
 from agent.owners import OwnerResolver
 from agent.server import routes
 from kvpilot.config import Config
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger("kvpilot.agent")
 
@@ -136,11 +136,7 @@ class Agent:
             yield
         finally:
             self.hub.close()
-            for t in [self._task, *self._tasks]:
-                t.cancel()
-            for t in [self._task, *self._tasks]:
-                with contextlib.suppress(BaseException):
-                    await t
+            await cancel_and_wait(self._task, *self._tasks)
             await gpu_source.close()
             await session.close()
             if api_client is not None:

@@ -17,7 +17,6 @@ up to `max_backoff_s`, with jitter so a fleet of gateways does not reconnect in 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import random
@@ -29,6 +28,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 import aiohttp
 
 from kvpilot.signals import NodeState, ReplicaState, from_json
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger("kvpilot.agent.client")
 
@@ -211,12 +211,7 @@ class AgentSet:
                 self.on_state(state)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*self._tasks.values())
         self._tasks.clear()
 
 

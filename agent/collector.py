@@ -11,7 +11,6 @@ metrics were read (`observed_at`); one that has not answered for `stale_after_s`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -29,6 +28,7 @@ from agent.owners import Owner, OwnerResolver
 from agent.rates import RateWindow, Recent
 from kvpilot.config import AgentConfig
 from kvpilot.signals import GpuStats, NodeState, ReplicaState
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger("kvpilot.agent")
 
@@ -88,14 +88,7 @@ class Collector:
             await self.stop()
 
     async def stop(self) -> None:
-        tasks = [r.task for r in self.replicas.values() if r.task] + [self._gpu_task]
-        for t in tasks:
-            if t is not None and not t.done():
-                t.cancel()
-        for t in tasks:
-            if t is not None:
-                with contextlib.suppress(BaseException):
-                    await t
+        await cancel_and_wait(*(r.task for r in self.replicas.values()), self._gpu_task)
 
     def _sync_targets(self) -> None:
         current = self.targets()

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controller.loop import Controller, PoolTarget
 from kvpilot.config import Config, ConfigError, load_or_exit, parse_listen, watch_config
 from kvpilot.signals import ReplicaState
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger("kvpilot.controller")
 
@@ -54,9 +55,7 @@ class AgentStates:
         return self.agents.replicas()
 
     async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await cancel_and_wait(self.task)
 
 
 async def serve(path: str, cfg: Config, *, once: bool = False, dry_run: bool = False) -> None:

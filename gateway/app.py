@@ -33,6 +33,7 @@ from gateway.discovery import Discovery
 from gateway.fleet import Fleet, StateFeeds
 from gateway.proxy import Gateway
 from kvpilot.config import Config, parse_listen
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,7 @@ def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
         try:
             yield
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            await cancel_and_wait(ticker)
             await feeds.stop()
             await app[DISCOVERY].stop()
             await session.close()

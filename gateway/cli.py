@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvpilot.config import Config, load_or_exit, watch_config
+from kvpilot.tasks import cancel_and_wait
 
 
 def main(argv: list[str]) -> int:
@@ -125,9 +126,7 @@ async def serve(cfg: Config, path: str, listen: str = "", *, reuse_port: bool = 
     try:
         await stop.wait()
     finally:
-        reloader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reloader
+        await cancel_and_wait(reloader)
         assert runner.app[GATEWAY] is not None
         await runner.cleanup()
 

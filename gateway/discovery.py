@@ -10,7 +10,6 @@ accounted) but never picked. Not-ready endpoints that are not terminating are le
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any
 
 from gateway.fleet import Endpoint, Fleet
 from kvpilot.config import PoolConfig
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,7 @@ class Discovery:
             self._tasks.append(asyncio.create_task(w.run(), name=f"endpointslices {pool.name}"))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
         if self._own_client and self.api_client is not None:
             await self.api_client.close()

@@ -12,7 +12,6 @@ it (agent watches, scrapes) live in `StateFeeds` at the bottom.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ from gateway.estimate import RequestFeatures
 from gateway.inflight import InFlightLedger
 from gateway.picker import RateSeed, ReplicaView
 from kvpilot.signals import NodeState, ReplicaState
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +331,7 @@ class StateFeeds:
             self._tasks.append(asyncio.create_task(self._scrape_loop(), name="scrape"))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
 
     def _observe_node(self, node: NodeState) -> None:

@@ -5,7 +5,6 @@ and the summary.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from agent.client import AgentWatchClient
 from kvpilot.demo.fleet import POOL, DemoSettings, GiB, Slot, SlotActuator
 from kvpilot.demo.load import LoadStats, percentile
 from kvpilot.signals import GpuStats, NodeState, ReplicaState
+from kvpilot.tasks import cancel_and_wait
 
 
 class AgentStates:
@@ -39,11 +39,7 @@ class AgentStates:
         return {s.address.rstrip("/"): s for s in self.replicas()}
 
     async def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*self.tasks)
 
 
 @dataclass

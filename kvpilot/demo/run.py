@@ -36,6 +36,7 @@ from kvpilot.demo.fleet import (
 )
 from kvpilot.demo.load import run_load
 from kvpilot.signals import ReplicaState
+from kvpilot.tasks import cancel_and_wait
 
 log = logging.getLogger("kvpilot.demo")
 
@@ -127,8 +128,8 @@ async def run_demo(settings: DemoSettings, console: Console, stop: asyncio.Event
         # And on the gateway's held requests and request rate (`controller.gateways`).
         demand = GatewayDemand(cfg.controller.gateways, http)
         controller = Controller(cfg, actuator, running_states, demand=demand)
-        stack.push_async_callback(stop_task, asyncio.create_task(controller.run(stop)))
-        stack.push_async_callback(stop_task, asyncio.create_task(sync.run()))
+        stack.push_async_callback(cancel_and_wait, asyncio.create_task(controller.run(stop)))
+        stack.push_async_callback(cancel_and_wait, asyncio.create_task(sync.run()))
         console.print(
             f"gateway {gateway_url} (policy headroom); controller (local mode) starting "
             f"{settings.min_replicas} of {len(slots)} replicas ...",
@@ -200,12 +201,6 @@ async def run_demo(settings: DemoSettings, console: Console, stop: asyncio.Event
 def with_endpoints(cfg: Config, endpoints: tuple[str, ...]) -> Config:
     pools = tuple(dataclasses.replace(p, endpoints=endpoints) for p in cfg.pools)
     return dataclasses.replace(cfg, pools=pools)
-
-
-async def stop_task(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 class EndpointSync:
