@@ -44,7 +44,7 @@ from sim.parallel import run_parallel
 from sim.provisioning import Cluster, Pod, ProvisioningConfig
 from sim.simulator import SimConfig, Simulation
 from sim.slo import slo_for
-from sim.traces import SIZERS, UNIQUE_BASE, SimRequest
+from sim.traces import SIZERS, SegmentKeys, SimRequest
 
 DAY_S = 86400.0
 
@@ -112,7 +112,7 @@ def make_day_trace(
     peak = shape.high_replicas * shape.burst_max_x * replica_rps * 1.01
     times = random.Random(f"day-times-{seed}")
     sizes = random.Random(f"day-sizes-{seed}")
-    key = _Keys()
+    key = SegmentKeys()
     out: list[SimRequest] = []
     t = 0.0
     while True:
@@ -123,17 +123,6 @@ def make_day_trace(
             continue
         s = sizer(sizes, key)  # type: ignore[arg-type]
         out.append(SimRequest(f"r{len(out)}", t, s.segments, s.output_tokens, s.max_tokens, s.kind))
-
-
-class _Keys:
-    """Unique prompt segment keys (no sharing between requests)."""
-
-    def __init__(self) -> None:
-        self.next = UNIQUE_BASE
-
-    def __call__(self) -> int:
-        self.next += 1
-        return self.next
 
 
 # ---- the simulation ---------------------------------------------------------------------------

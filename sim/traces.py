@@ -52,8 +52,8 @@ def _clip(x: float, lo: int, hi: int) -> int:
     return max(lo, min(hi, int(round(x))))
 
 
-class _Keys:
-    """Hands out unique segment keys."""
+class SegmentKeys:
+    """Hands out unique segment keys (no sharing between requests)."""
 
     def __init__(self) -> None:
         self.next = UNIQUE_BASE
@@ -63,28 +63,28 @@ class _Keys:
         return self.next
 
 
-def _chat(rng: random.Random, key: _Keys) -> _Size:
+def _chat(rng: random.Random, key: SegmentKeys) -> _Size:
     # ShareGPT as vLLM's benchmark sees it: prompts median ~250 tokens, outputs median ~180, long tails.
     p = _clip(rng.lognormvariate(math.log(250), 1.0), 4, 4096)
     o = _clip(rng.lognormvariate(math.log(180), 0.9), 1, 2048)
     return _Size(((key(), p),), o, None, "chat")
 
 
-def _prefill(rng: random.Random, key: _Keys) -> _Size:
+def _prefill(rng: random.Random, key: SegmentKeys) -> _Size:
     # Summarisation: long documents (log-uniform 1k-8k tokens), short answers capped at 128.
     p = _clip(math.exp(rng.uniform(math.log(1024), math.log(8192))), 1024, 8192)
     o = rng.randint(16, 128)
     return _Size(((key(), p),), o, 128, "prefill")
 
 
-def _decode(rng: random.Random, key: _Keys) -> _Size:
+def _decode(rng: random.Random, key: SegmentKeys) -> _Size:
     # Generation: short instructions, long answers (500-2000 tokens), client cap 2048.
     p = rng.randint(32, 256)
     o = rng.randint(500, 2000)
     return _Size(((key(), p),), o, 2048, "decode")
 
 
-SIZERS: dict[str, Callable[[random.Random, _Keys], _Size]] = {
+SIZERS: dict[str, Callable[[random.Random, SegmentKeys], _Size]] = {
     "sharegpt": _chat,
     "prefill-heavy": _prefill,
     "decode-heavy": _decode,
@@ -101,11 +101,11 @@ def _poisson_times(rng: random.Random, rate: float, duration_s: float) -> Iterat
 
 
 def _simple(
-    sizer: Callable[[random.Random, _Keys], _Size], rate: float, duration_s: float, seed: int
+    sizer: Callable[[random.Random, SegmentKeys], _Size], rate: float, duration_s: float, seed: int
 ) -> list[SimRequest]:
     times = random.Random(f"times-{seed}")
     sizes = random.Random(f"sizes-{seed}")
-    key = _Keys()
+    key = SegmentKeys()
     out = []
     for i, t in enumerate(_poisson_times(times, rate, duration_s)):
         s = sizer(sizes, key)
@@ -135,7 +135,7 @@ def _shared_prefix(
     system = [sizes.randint(shape.system_min, shape.system_max) for _ in range(shape.groups)]
     weights = [1.0 / (g + 1) ** shape.zipf_s for g in range(shape.groups)]
     cum = [sum(weights[: g + 1]) for g in range(shape.groups)]
-    key = _Keys()
+    key = SegmentKeys()
     reqs: list[tuple[float, tuple[tuple[int, int], ...], int, str]] = []
     session_rate = rate / shape.mean_turns
     for start in _poisson_times(times, session_rate, duration_s):
@@ -204,7 +204,7 @@ def _mixed_bursty(
     sizes = random.Random(f"sizes-{seed}")
     names = [n for n, _ in shape.mix]
     cum = [sum(w for _, w in shape.mix[: i + 1]) for i in range(len(shape.mix))]
-    key = _Keys()
+    key = SegmentKeys()
     out = []
     for t in _poisson_times(times, rate * peak, duration_s):
         if times.random() * peak > curve(t):  # thinning: a non-homogeneous Poisson process
@@ -264,7 +264,7 @@ def _azure(rows: list[AzureRow], rate: float, duration_s: float) -> list[SimRequ
     """Replay with the trace's own inter-arrival pattern, time-scaled to `rate`, looped to fill `duration_s`."""
     scale = azure_native_rate(rows) / rate if rate > 0 else 1.0
     period = (rows[-1].t + (rows[-1].t - rows[0].t) / max(1, len(rows) - 1)) * scale
-    key = _Keys()
+    key = SegmentKeys()
     out: list[SimRequest] = []
     lap = 0
     while rate > 0 and period > 0:
