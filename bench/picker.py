@@ -94,6 +94,20 @@ def make_states(n: int, now: float, rng: random.Random) -> list[ReplicaState]:
     return [make_state(i, now, rng) for i in range(n)]
 
 
+def row(policy: str, n: int, times_ns: list[int], cpu_ns: int) -> dict[str, float]:
+    """One table row from the picks' wall times and their total CPU time."""
+    us = sorted(t / 1000 for t in times_ns)
+    return {
+        "policy": policy,
+        "replicas": n,
+        "picks": len(us),
+        "mean_us": statistics.fmean(us),
+        "cpu_mean_us": cpu_ns / len(us) / 1000,
+        "p50_us": us[len(us) // 2],
+        "p99_us": us[int(len(us) * 0.99)],
+    }
+
+
 def bench(
     name: str, n: int, reqs: list[RequestFeatures], seed: int, scrape_s: float = 0.25
 ) -> dict[str, float]:
@@ -138,17 +152,7 @@ def bench(
             s = make_state(j, now, rng)
             led.observed(s.replica_id, s.observed_at)
             views[j] = ReplicaView(s.replica_id, s, led.get(s.replica_id), False, profiles[j])
-    times.sort()
-    us = [t / 1000 for t in times]
-    return {
-        "policy": name,
-        "replicas": n,
-        "picks": len(us),
-        "mean_us": statistics.fmean(us),
-        "cpu_mean_us": cpu / len(us) / 1000,
-        "p50_us": us[len(us) // 2],
-        "p99_us": us[int(len(us) * 0.99)],
-    }
+    return row(name, n, times, cpu)
 
 
 def bench_fleet(
@@ -186,17 +190,7 @@ def bench_fleet(
         while due >= 1.0:
             due -= 1.0
             fleet.observe_state(make_state(rng.randrange(n), now, rng))
-    times.sort()
-    us = [t / 1000 for t in times]
-    return {
-        "policy": "headroom+fleet",
-        "replicas": n,
-        "picks": len(us),
-        "mean_us": statistics.fmean(us),
-        "cpu_mean_us": cpu / len(us) / 1000,
-        "p50_us": us[len(us) // 2],
-        "p99_us": us[int(len(us) * 0.99)],
-    }
+    return row("headroom+fleet", n, times, cpu)
 
 
 def main(argv: list[str] | None = None) -> int:
