@@ -194,16 +194,12 @@ class AgentSet:
             log.info("agent %s left; dropping its replicas", url)
 
     async def _expand(self, url: str) -> set[str]:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port or 80
-        addresses = await self.resolver(host, port)
-        if not addresses:
+        urls = await expand_url(url, self.resolver)
+        if urls is None:
             # DNS trouble: keep watching what we had for this URL rather than drop every agent.
             log.warning("agent URL %s resolves to no address; keeping current watches", url)
             return {u for u in self.clients if u == url or _same_service(u, url)}
-        if addresses == [host]:
-            return {url}
-        return {with_host(parts, a) for a in addresses}
+        return set(urls)
 
     async def _follow(self, client: AgentWatchClient) -> None:
         async for state in client:
@@ -215,7 +211,20 @@ class AgentSet:
         self._tasks.clear()
 
 
-def with_host(parts: SplitResult, address: str) -> str:
+async def expand_url(url: str, resolver: Resolver = resolve_addresses) -> list[str] | None:
+    """`url` once per address its host resolves to (a headless Service's name: one per ready
+    pod), `[url]` for a literal address, None when the name resolves to nothing."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 80
+    addresses = await resolver(host, port)
+    if not addresses:
+        return None
+    if addresses == [host]:
+        return [url]
+    return [_with_host(parts, a) for a in addresses]
+
+
+def _with_host(parts: SplitResult, address: str) -> str:
     """`parts` (a split URL) with its host replaced by `address` (IPv6 in brackets)."""
     host = f"[{address}]" if ":" in address else address
     netloc = f"{host}:{parts.port}" if parts.port else host

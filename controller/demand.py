@@ -18,12 +18,11 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.client import Resolver, resolve_addresses, with_host
+from agent.client import Resolver, expand_url, resolve_addresses
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +112,13 @@ class GatewayDemand:
     async def __call__(self) -> dict[str, PoolDemand]:
         targets: list[str] = []
         for url in self.urls:
-            targets += await self._expand(url)
+            # a name that resolves to nothing is tried as it is (and logged when it fails)
+            targets += await expand_url(url, self.resolver) or [url]
         readings = await asyncio.gather(*(self._read(u) for u in targets))
         now = {u: r for u, r in zip(targets, readings, strict=True) if r is not None}
         out = pool_demand(self.last, now)
         self.last = now
         return out
-
-    async def _expand(self, url: str) -> list[str]:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port or 80
-        addresses = await self.resolver(host, port)
-        if not addresses or addresses == [host]:
-            return [url]
-        return [with_host(parts, a) for a in addresses]
 
     async def _read(self, url: str) -> GatewayReading | None:
         try:
