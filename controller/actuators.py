@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from controller.gke import GkeNodePools
 from controller.kube import KubeScaler, Placeholders
 from controller.loop import PoolTarget
-from controller.nodepools import AcceleratorPlan
+from controller.nodepools import AcceleratorPlan, node_pool_sizes
 from controller.replicas import Decision
 
 log = logging.getLogger(__name__)
@@ -72,18 +71,9 @@ class GkeNodes:
     _last: dict[str, int] = field(default_factory=dict)
 
     async def apply(self, plans: dict[str, AcceleratorPlan], targets: Sequence[PoolTarget]) -> None:
-        gpus: dict[str, int] = {}  # node pool -> GPUs its pools need
-        seen: set[tuple[str, str]] = set()
-        for t in targets:
-            p = plans.get(t.pool.accelerator)
-            np = t.scaling.node_pool
-            if not np or p is None or (np, p.accelerator) in seen:
-                continue
-            seen.add((np, p.accelerator))  # an accelerator's plan counts once per node pool
-            # Never fewer than the replicas that exist request: shrinking is for them to do.
-            gpus[np] = gpus.get(np, 0) + max(p.gpus_needed, p.gpus_requested)
-        for np, n in sorted(gpus.items()):
-            nodes = math.ceil(n / await self.gke.gpus_per_node(np))
+        pairs = [(t.scaling.node_pool, t.pool.accelerator) for t in targets if t.scaling.node_pool]
+        per_node = {np: await self.gke.gpus_per_node(np) for np, _ in pairs}
+        for np, nodes in sorted(node_pool_sizes(plans, pairs, per_node).items()):
             if self._last.get(np) != nodes:
                 await self.gke.set_size(np, nodes)
                 self._last[np] = nodes

@@ -10,7 +10,7 @@ preempt), or, for node pools without autoscaling, turned into a node count for t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +82,7 @@ def plan_accelerators(
         inv = inventory.get(acc, AcceleratorInventory(acc))
         target_nodes = None
         if inv.gpus_per_node > 0:
-            # Never fewer nodes than the replicas that exist request: shrinking is for them to do.
-            target_nodes = math.ceil(max(needed, requested) / inv.gpus_per_node)
+            target_nodes = math.ceil(_held(needed, requested) / inv.gpus_per_node)
         plans[acc] = AcceleratorPlan(
             accelerator=acc,
             gpus_needed=needed,
@@ -94,6 +93,30 @@ def plan_accelerators(
             target_nodes=target_nodes,
         )
     return plans
+
+
+def _held(needed: int, requested: int) -> int:
+    # Never fewer GPUs than the replicas that exist request: shrinking is for them to do.
+    return max(needed, requested)
+
+
+def node_pool_sizes(
+    plans: Mapping[str, AcceleratorPlan],
+    node_pools: Iterable[tuple[str, str]],
+    gpus_per_node: Mapping[str, int],
+) -> dict[str, int]:
+    """Nodes for each fixed-size node pool: the GPUs its accelerators' plans hold, over the GPUs
+    one of its nodes carries (its machine type: a g2-standard-48 has 4 L4s).
+
+    `node_pools` are (node pool, accelerator) pairs, one per scaled pool that names a node pool;
+    an accelerator counts once per node pool however many pools share it.
+    """
+    gpus: dict[str, int] = {}
+    for np, acc in sorted(set(node_pools)):
+        p = plans.get(acc)
+        if p is not None:
+            gpus[np] = gpus.get(np, 0) + _held(p.gpus_needed, p.gpus_requested)
+    return {np: math.ceil(n / gpus_per_node[np]) for np, n in gpus.items()}
 
 
 def placeholder_pod(

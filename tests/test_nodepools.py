@@ -13,6 +13,7 @@ from controller.gke import TOKEN_PATH, GkeError, GkeNodePools
 from controller.nodepools import (
     AcceleratorInventory,
     PoolGpuDemand,
+    node_pool_sizes,
     placeholder_pod,
     plan_accelerators,
 )
@@ -49,6 +50,21 @@ def test_target_nodes_never_below_what_running_replicas_request() -> None:
         {"nvidia-l4": AcceleratorInventory("nvidia-l4", allocatable_gpus=8, gpus_per_node=2)},
     )
     assert plans["nvidia-l4"].target_nodes == 4
+
+
+def test_node_pool_sizes_divide_the_gpus_held_by_each_node_pools_gpus_per_node() -> None:
+    plans = plan_accelerators(
+        [
+            PoolGpuDemand("a", "nvidia-l4", 1, 4, 4, headroom_gpus=2),  # 6 L4s
+            PoolGpuDemand("b", "nvidia-l4", 1, 3, 3),  # 3 more: 9 in all
+            PoolGpuDemand("c", "nvidia-h100-80gb", 2, 5, 1),  # 10 requested by replicas that exist
+        ]
+    )
+    pairs = [("l4-pool", "nvidia-l4"), ("l4-pool", "nvidia-l4"), ("h100-pool", "nvidia-h100-80gb")]
+    sizes = node_pool_sizes(plans, pairs, {"l4-pool": 4, "h100-pool": 8})
+    # L4: one plan (9 GPUs) however many pools share it -> 3 nodes; H100: never below the 10
+    # GPUs existing replicas request -> 2 nodes
+    assert sizes == {"l4-pool": 3, "h100-pool": 2}
 
 
 def test_placeholder_pod_requests_gpus_at_low_priority_on_the_right_nodes() -> None:
