@@ -57,7 +57,6 @@ class Replica:
     ejected_until: float = 0.0
     inflight: int = 0
     started: set[str] = field(default_factory=set)
-    view: ReplicaView | None = None  # the last view handed out, reused while nothing changed
 
 
 @dataclass
@@ -171,14 +170,17 @@ class Fleet:
         c = self._views.get(pool)
         reps = self.pools.get(pool, {})
         if c is None or not c.built_at <= now < c.valid_until or c.profile is not profile:
-            c = self._views[pool] = _PoolViews({}, now, math.inf, profile)
+            # In the pool's order; the previous views stay candidates for reuse (see _view).
+            old = c.views if c is not None else {}
+            c = self._views[pool] = _PoolViews(
+                {r: old.get(r) for r in reps}, now, math.inf, profile
+            )
             c.dirty.update(reps)
-            c.views = dict.fromkeys(reps)  # the pool's order, whatever order the rebuild takes
         if c.dirty:
             for rid in c.dirty:
                 r = reps.get(rid)
                 if r is not None:
-                    c.views[rid], until = self._view(r, now, profile)
+                    c.views[rid], until = self._view(r, now, profile, c.views.get(rid))
                     c.valid_until = min(c.valid_until, until)
             c.dirty.clear()
         if exclude:
@@ -186,9 +188,11 @@ class Fleet:
         return [v for v in c.views.values() if v is not None]
 
     def _view(
-        self, r: Replica, now: float, profile: RateSeed | None
+        self, r: Replica, now: float, profile: RateSeed | None, v: ReplicaView | None
     ) -> tuple[ReplicaView | None, float]:
-        """`r`'s view at `now` (None: not pickable) and until when it holds without news."""
+        """`r`'s view at `now` (None: not pickable) and until when it holds without news; `v`,
+        its previous view, is handed out again while its parts are the same (headroom then
+        reuses its entry for the replica)."""
         if r.terminating:
             return None, math.inf
         if r.ejected_until > now:
@@ -201,16 +205,13 @@ class Fleet:
             elif not state.healthy:
                 return None, until  # its agent says it stopped answering
         inflight = self.ledger.get(r.replica_id)
-        v = r.view
-        # The same view object while its parts are the same: headroom reuses its per-replica
-        # entry for an unchanged view.
         if (
             v is None
             or v.state is not state
             or v.inflight is not inflight
             or v.profile is not profile
         ):
-            v = r.view = ReplicaView(r.replica_id, state, inflight, False, profile)
+            v = ReplicaView(r.replica_id, state, inflight, False, profile)
         return v, until
 
     def _touch(self, r: Replica) -> None:
