@@ -61,10 +61,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None, deadline_s: float
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], port: int, **kw: object) -> Iterator[subprocess.Popen[bytes]]:
+def started(
+    cmd: list[str], port: int, deadline_s: float = 20, **kw: object
+) -> Iterator[subprocess.Popen[bytes]]:
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
     try:
-        wait_port(port, p)
+        wait_port(port, p, deadline_s)
         yield p
     finally:
         p.terminate()
