@@ -1,13 +1,16 @@
 """A fast fixed-answer OpenAI-compatible backend, to measure what a proxy adds and nothing else.
 
-`python bench/fixed_backend.py --port 9001 [--chunks 16]` answers every /v1/completions and
+`python bench/fixed_backend.py --port 9001 [--chunks 16] [--processes N]` answers every /v1/completions and
 /v1/chat/completions at once with the same small JSON, or (with "stream": true) with `--chunks`
 SSE events and [DONE]; /metrics publishes the few vLLM gauges a router reads, all idle.
+With `--processes N` it runs N processes on one port (SO_REUSEPORT), so that on a many-core
+machine the backend is not what caps a proxy's measured rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 
 import orjson
 from aiohttp import web
@@ -105,8 +108,23 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9001)
     ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--processes", type=int, default=1)
     args = ap.parse_args()
-    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None, print=None)
+    serve = (args.chunks, args.host, args.port, args.processes > 1)
+    # daemonic: run_app exits cleanly on SIGTERM, and multiprocessing then ends the others
+    others = [
+        multiprocessing.Process(target=_serve, args=serve, daemon=True)
+        for _ in range(args.processes - 1)
+    ]
+    for p in others:
+        p.start()
+    _serve(*serve)
+
+
+def _serve(chunks: int, host: str, port: int, reuse_port: bool) -> None:
+    web.run_app(
+        make_app(chunks), host=host, port=port, reuse_port=reuse_port, access_log=None, print=None
+    )
 
 
 if __name__ == "__main__":

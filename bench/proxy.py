@@ -1,11 +1,12 @@
 """What a proxy adds: the same wrk load against a fixed-answer backend, directly and through proxies.
 
-    .venv/bin/python bench/proxy.py [--duration 5] [--repeat 3] [--workers 2] [--rate 1000]
+    .venv/bin/python bench/proxy.py [--duration 5] [--repeat 3] [--workers 2[,4...]] [--rate 1000]
+                                    [--threads 1] [--backend-processes 1]
 
 Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
 that the machine's load drifts over all of them alike): the backend itself
 (bench/fixed_backend.py), the kvpilot gateway (`kvpilot gateway`, headroom policy, one process,
-and with `--workers N` also N worker processes on one port), the aiohttp floor
+and with `--workers N[,M...]` also N (M...) worker processes on one port), the aiohttp floor
 (bench/aiohttp_floor.py: the least an aiohttp server + ClientSession proxy costs), vllm-router
 (`--policy round_robin`, when installed) and nginx as a plain reverse proxy with upstream
 keep-alive (when installed). For
@@ -16,7 +17,9 @@ each target and repetition:
     added latency is read at a fixed load, not at saturation;
   - stream (backend and gateways): each request streams `--chunks` SSE events; relayed chunks/s.
 Prints the medians over the repetitions with their range, and the gateway / vllm-router ratio of
-each repetition. Every run is bounded by `--duration` seconds (at most 15).
+each repetition. Every run is bounded by `--duration` seconds (at most 15). On a many-core
+machine give wrk `--threads` and the backend `--backend-processes` so that neither caps the
+proxies (the defaults, 1 and 1, suit a 2-core box).
 """
 
 from __future__ import annotations
@@ -211,7 +214,11 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rate", type=int, default=1000, help="paced run: requests/s in total")
     ap.add_argument("--chunks", type=int, default=64, help="SSE events per streamed answer")
-    ap.add_argument("--workers", type=int, default=2, help="also a gateway with N workers; 0: no")
+    ap.add_argument(
+        "--workers", default="2", help="also gateways with N[,M...] workers (comma list); 0: none"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads")
+    ap.add_argument("--backend-processes", type=int, default=1)
     args = ap.parse_args()
     duration = min(args.duration, 15)
     if shutil.which("wrk") is None:
@@ -232,9 +239,9 @@ def main() -> int:
         tmp = Path(td)
         bport = free_port()
         backend_cmd = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
-        backend_cmd += ["--chunks", str(args.chunks)]
+        backend_cmd += ["--chunks", str(args.chunks), "--processes", str(args.backend_processes)]
         commands: list[tuple[str, list[str], int, bool]] = []
-        gateways = [1] + ([args.workers] if args.workers > 1 else [])
+        gateways = [1] + [w for w in map(int, args.workers.split(",")) if w > 1]
         for w in gateways:
             gport = free_port()
             cfg = tmp / f"kvpilot-{w}.yaml"
@@ -275,7 +282,7 @@ def main() -> int:
         time.sleep(1.0)
         names = [t[0] for t in targets]
         for _name, port, _pid, _ in targets:  # warm up connections and the targets' caches
-            wrk(f"http://127.0.0.1:{port}/v1/completions", lua_max, 4, 1)
+            wrk(f"http://127.0.0.1:{port}/v1/completions", lua_max, 4, 1, threads=1)
         for rep in range(args.repeat):
             for name, port, pid, streams in targets:
                 url = f"http://127.0.0.1:{port}/v1/completions"
@@ -284,7 +291,7 @@ def main() -> int:
                     runs.append(("stream", lua_stream, args.connections))
                 for kind, lua, conns in runs:
                     try:
-                        r = wrk(url, lua, conns, duration, pid)
+                        r = wrk(url, lua, conns, duration, pid, min(args.threads, conns))
                     except (subprocess.CalledProcessError, AttributeError) as e:
                         notes.append(f"{name} {kind} rep {rep + 1}: wrk failed ({e})")
                         continue
@@ -293,11 +300,12 @@ def main() -> int:
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}; load average {load_before} before, "
-        f"{loadavg()} after; wrk -t1, {duration}s per run, {args.repeat} repetitions"
+        f"{loadavg()} after; wrk -t{args.threads}, {duration}s per run, {args.repeat} repetitions"
     )
     print(
         f"max: -c{args.connections}; paced: -c{paced_conns} with delay {delay_ms:.1f} ms "
-        f"(~{args.rate} req/s); stream: {args.chunks} SSE events per answer\n"
+        f"(~{args.rate} req/s); stream: {args.chunks} SSE events per answer; "
+        f"backend processes: {args.backend_processes}\n"
     )
     print(
         "Medians over the repetitions, [min-max]; added latency = target - backend, per repetition.\n"

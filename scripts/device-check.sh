@@ -2,37 +2,60 @@
 # Everything that wants the lent GPU machine (one NVIDIA GPU, 16 cores), in one call:
 #   1. the GPU tests (scripts/gpu-check.sh: real NVML, a torch allocation seen through it);
 #   2. issue 5's routing comparison on 16 workers (bench/routing.py);
-#   3. issue 6's autoscaling sweep on 16 workers (bench/autoscale.py).
+#   3. issue 6's autoscaling sweep on 16 workers (bench/autoscale.py);
+#   4. issue 4's proxy comparison with gateway workers on 16 cores (bench/proxy.py).
+# DEVICE_STEPS picks among them (default: "gpu routing autoscale proxy").
 # Results go to $OUT (default out/device): seven files — logs, the two markdown reports, and
 # results.tar.gz with everything (JSON, plots); the raw outputs are written under $WORK first.
-# Wheels the machine lacks (orjson, pytest-asyncio) travel in .whl/ (git-ignored).
+# Wheels the machine lacks (orjson, pytest-asyncio; vllm-router and its fastapi/uvicorn for step
+# 4) travel in .whl/, and wrk and nginx (Debian binaries, plus wrk's libluajit) in .devtools/
+# (both git-ignored; name them in the run's carry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device}
 WORK=${WORK:-/tmp/kvpilot-device}
 mkdir -p "$OUT" "$WORK/routing" "$WORK/autoscale"
 ROUTING_BUDGET_S=${ROUTING_BUDGET_S:-280}
+STEPS=" ${DEVICE_STEPS:-gpu routing autoscale proxy} "
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PATH="/tmp/site/bin:$PATH"
+fi
+if [ -d .devtools ]; then
+  export PATH="$PWD/.devtools/bin:$PATH" LD_LIBRARY_PATH="$PWD/.devtools/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 KVPILOT_SIM_CACHE=/tmp/kvpilot-cal.json
 { date -u; uname -m; nproc; python3 --version; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } \
   | tee "$WORK/machine.txt"
 
-echo "== 1. GPU tests"
-WHEELS_DIR=.whl timeout 120 bash scripts/gpu-check.sh >"$WORK/gpu.log" 2>&1
-echo "gpu-check rc=$?"; tail -3 "$WORK/gpu.log"
+if [[ $STEPS == *" gpu "* ]]; then
+  echo "== 1. GPU tests"
+  WHEELS_DIR=.whl timeout 120 bash scripts/gpu-check.sh >"$WORK/gpu.log" 2>&1
+  echo "gpu-check rc=$?"; tail -3 "$WORK/gpu.log"
+fi
 
-echo "== 2. routing (budget ${ROUTING_BUDGET_S}s)"
-timeout $((ROUTING_BUDGET_S + 60)) python3 bench/routing.py "$WORK/routing" --jobs "$(nproc)" \
-  --budget-s "$ROUTING_BUDGET_S" >"$WORK/routing.log" 2>&1
-echo "routing rc=$?"; tail -3 "$WORK/routing.log"
+if [[ $STEPS == *" routing "* ]]; then
+  echo "== 2. routing (budget ${ROUTING_BUDGET_S}s)"
+  timeout $((ROUTING_BUDGET_S + 60)) python3 bench/routing.py "$WORK/routing" --jobs "$(nproc)" \
+    --budget-s "$ROUTING_BUDGET_S" >"$WORK/routing.log" 2>&1
+  echo "routing rc=$?"; tail -3 "$WORK/routing.log"
+fi
 
-echo "== 3. autoscaling"
-timeout "${AUTOSCALE_TIMEOUT_S:-240}" python3 bench/autoscale.py --seeds 1,2,3 --workers "$(nproc)" --out "$WORK/autoscale" \
-  >"$WORK/autoscale.log" 2>&1
-echo "autoscale rc=$?"; tail -3 "$WORK/autoscale.log"
+if [[ $STEPS == *" autoscale "* ]]; then
+  echo "== 3. autoscaling"
+  timeout "${AUTOSCALE_TIMEOUT_S:-240}" python3 bench/autoscale.py --seeds 1,2,3 --workers "$(nproc)" \
+    --out "$WORK/autoscale" >"$WORK/autoscale.log" 2>&1
+  echo "autoscale rc=$?"; tail -3 "$WORK/autoscale.log"
+fi
+
+if [[ $STEPS == *" proxy "* ]]; then
+  # 16 cores: 4 wrk threads and 4 backend processes, so neither caps the proxies under test
+  echo "== 4. proxy (gateway workers ${PROXY_WORKERS:=4,8})"
+  timeout "${PROXY_TIMEOUT_S:-300}" python3 bench/proxy.py --duration "${PROXY_DURATION_S:-4}" \
+    --repeat "${PROXY_REPEAT:-3}" --workers "$PROXY_WORKERS" --threads 4 --backend-processes 4 \
+    --connections 64 >"$WORK/proxy.log" 2>&1
+  echo "proxy rc=$?"; tail -12 "$WORK/proxy.log"
+fi
 
 cp "$WORK"/machine.txt "$WORK"/*.log "$OUT"/
 cp "$WORK/routing/routing.md" "$OUT/routing-report.md" 2>/dev/null
