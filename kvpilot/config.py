@@ -362,41 +362,52 @@ def _check_controller(cfg: Config) -> None:
         key = f"controller.pools.{name}"
         if cfg.pool(name) is None:
             raise ConfigError(f"{key}: no pool named {name!r} in pools[]")
-        if s.min_replicas < 0 or s.max_replicas < max(1, s.min_replicas):
-            raise ConfigError(
-                f"{key}: min_replicas {s.min_replicas} / max_replicas {s.max_replicas}; "
-                "expected 0 <= min_replicas <= max_replicas and max_replicas >= 1"
-            )
-        if s.min_replicas == 0 and not s.scale_to_zero:
-            raise ConfigError(f"{key}.min_replicas: 0 needs scale_to_zero: true")
-        for k in ("queue_target", "kv_target", "batch_target", "scale_up_period_s"):
-            if getattr(s, k) <= 0:
-                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0")
-        if not 0 <= s.tolerance < 1:
-            raise ConfigError(f"{key}.tolerance: {s.tolerance} must be in [0, 1)")
-        if s.kv_target > 1:
-            raise ConfigError(f"{key}.kv_target: {s.kv_target} must be <= 1")
-        for k, lo, hi in (
-            ("target_utilization", 0.0, 1.0),
-            ("trend_alpha", 0.0, 1.0),
-            ("capacity_learn_rate", 0.0, 1.0),
-        ):
-            if not lo < getattr(s, k) <= hi:
-                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be in ({lo:g}, {hi:g}]")
-        if not 0 <= s.capacity_min_saturation <= 1:
-            raise ConfigError(
-                f"{key}.capacity_min_saturation: {s.capacity_min_saturation} must be in [0, 1]"
-            )
-        if not 0 <= s.trend_beta <= 1 or not 0 <= s.scale_down_tolerance < 1:
-            raise ConfigError(
-                f"{key}: trend_beta must be in [0, 1] and scale_down_tolerance in [0, 1)"
-            )
-        for k in ("demand_window_s", "trend_damping_s"):
-            if getattr(s, k) <= 0:
-                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0 seconds")
-        for k in ("scale_up_margin", "lead_time_s", "capacity_tokens_per_s"):
-            if getattr(s, k) < 0:
-                raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be >= 0")
+        check_scaling(s, key)
+
+
+def parse_scaling(data: dict[str, Any], key: str) -> PoolScalingConfig:
+    """One pool's scaling settings from plain data (e.g. `kvpilot sim autoscale --kvpilot k=v`),
+    checked as in kvpilot.yaml; ConfigError names `key`.<the bad key>."""
+    s = _build(PoolScalingConfig, data, key)
+    check_scaling(s, key)
+    return s
+
+
+def check_scaling(s: PoolScalingConfig, key: str) -> None:
+    """Rules on one pool's scaling settings that types alone cannot say."""
+    if s.min_replicas < 0 or s.max_replicas < max(1, s.min_replicas):
+        raise ConfigError(
+            f"{key}: min_replicas {s.min_replicas} / max_replicas {s.max_replicas}; "
+            "expected 0 <= min_replicas <= max_replicas and max_replicas >= 1"
+        )
+    if s.min_replicas == 0 and not s.scale_to_zero:
+        raise ConfigError(f"{key}.min_replicas: 0 needs scale_to_zero: true")
+    for k in ("queue_target", "kv_target", "batch_target", "scale_up_period_s"):
+        if getattr(s, k) <= 0:
+            raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0")
+    if not 0 <= s.tolerance < 1:
+        raise ConfigError(f"{key}.tolerance: {s.tolerance} must be in [0, 1)")
+    if s.kv_target > 1:
+        raise ConfigError(f"{key}.kv_target: {s.kv_target} must be <= 1")
+    for k, lo, hi in (
+        ("target_utilization", 0.0, 1.0),
+        ("trend_alpha", 0.0, 1.0),
+        ("capacity_learn_rate", 0.0, 1.0),
+    ):
+        if not lo < getattr(s, k) <= hi:
+            raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be in ({lo:g}, {hi:g}]")
+    if not 0 <= s.capacity_min_saturation <= 1:
+        raise ConfigError(
+            f"{key}.capacity_min_saturation: {s.capacity_min_saturation} must be in [0, 1]"
+        )
+    if not 0 <= s.trend_beta <= 1 or not 0 <= s.scale_down_tolerance < 1:
+        raise ConfigError(f"{key}: trend_beta must be in [0, 1] and scale_down_tolerance in [0, 1)")
+    for k in ("demand_window_s", "trend_damping_s"):
+        if getattr(s, k) <= 0:
+            raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0 seconds")
+    for k in ("scale_up_margin", "lead_time_s", "capacity_tokens_per_s"):
+        if getattr(s, k) < 0:
+            raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be >= 0")
 
 
 def _check_listen(key: str, value: str) -> None:

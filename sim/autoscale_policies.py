@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.nodepools import PoolGpuDemand, plan_accelerators
 from controller.replicas import PoolObservation, ReplicaAutoscaler, hpa_replicas
-from kvpilot.config import PoolScalingConfig
+from kvpilot.config import PoolScalingConfig, parse_scaling
 from kvpilot.signals import ReplicaState
 
 
@@ -397,7 +399,11 @@ DEFAULT_SWEEP: dict[str, tuple[float, ...]] = {
 }
 
 
-def make_policy(name: str, setting: float, limits: Limits) -> object:
+def make_policy(
+    name: str, setting: float, limits: Limits, kvpilot_scaling: Mapping[str, Any] | None = None
+) -> object:
+    """A policy at one setting; `kvpilot_scaling` overrides kvpilot's PoolScalingConfig keys
+    (checked as in kvpilot.yaml: a bad key raises ConfigError naming it)."""
     if name == "hpa-queue":
         return HpaQueue(float(setting), limits)
     if name == "hpa-duty":
@@ -407,15 +413,22 @@ def make_policy(name: str, setting: float, limits: Limits) -> object:
     if name == "llmd":
         return LlmdSaturation(limits)
     if name == "kvpilot":
-        return Kvpilot(limits)
+        if not kvpilot_scaling:
+            return Kvpilot(limits)
+        base = {"min_replicas": limits.min_replicas, "max_replicas": limits.max_replicas}
+        return Kvpilot(limits, config=parse_scaling({**base, **kvpilot_scaling}, "--kvpilot"))
     raise ValueError(f"unknown autoscaling policy {name!r}; expected one of {list(POLICY_NAMES)}")
 
 
-def setting_label(name: str, setting: float) -> str:
+def setting_label(
+    name: str, setting: float, kvpilot_scaling: Mapping[str, Any] | None = None
+) -> str:
     if name == "hpa-queue":
         return f"queue {setting:g}/pod"
     if name == "hpa-duty":
         return f"duty {setting:g}%"
     if name == "kpa":
         return f"concurrency {setting:g}"
+    if name == "kvpilot" and kvpilot_scaling:
+        return ", ".join(f"{k}={v}" for k, v in kvpilot_scaling.items())
     return "published" if name == "llmd" else "defaults"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -144,6 +145,11 @@ def test_verdict_and_pareto() -> None:
     assert v["cheapest_baseline"]["setting_label"] == "q1"
     assert v["gpu_hours_ratio"] == pytest.approx(0.75) and v["met"] is True
     assert pareto([(1, 0.5), (2, 0.4), (3, 0.9)]) == [(1, 0.5), (3, 0.9)]
+    # kvpilot alone: nothing to compare with, so no verdict
+    assert verdict(mean_over_seeds(rows[2:]))["met"] is None
+    # baselines ran and none reached 99 %: kvpilot at 99 % meets it
+    missed = [dict(rows[1]), rows[2]]
+    assert verdict(mean_over_seeds(missed))["met"] is True
 
 
 def test_cli_writes_json_plot_and_table(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
@@ -176,3 +182,24 @@ def test_sweep_estimate_counts_rounds_of_workers() -> None:
     assert estimate_wall_s(16, 16, 3600.0) == pytest.approx(one)
     assert estimate_wall_s(57, 16, 3600.0) == pytest.approx(4 * one)
     assert estimate_wall_s(2, 1, 1800.0) == pytest.approx(one)
+
+
+def test_kvpilot_settings_can_be_changed_for_a_run() -> None:
+    from sim.autoscale_policies import make_policy
+
+    p = make_policy("kvpilot", 0, Limits(1, 6), {"target_utilization": 0.9, "lead_time_s": 60})
+    assert p.config.target_utilization == 0.9 and p.config.lead_time_s == 60.0  # type: ignore[attr-defined]
+    assert p.config.max_replicas == 6  # type: ignore[attr-defined]  # the scenario's limits stay
+    at_defaults = run_one(FAST, "kvpilot", 0, 1, replica_rps=1.2)
+    held = run_one(
+        replace(FAST, kvpilot_scaling=(("min_replicas", 4),)), "kvpilot", 0, 1, replica_rps=1.2
+    )
+    assert at_defaults["setting_label"] == "defaults" and at_defaults["replicas_mean"] < 4
+    assert held["setting_label"] == "min_replicas=4" and held["replicas_mean"] >= 4
+
+
+def test_cli_names_a_bad_kvpilot_setting(capsys) -> None:  # noqa: ANN001
+    assert main(["--kvpilot", "target_utilizaton=0.7", "--policies", "kvpilot"]) == 2
+    assert "--kvpilot.target_utilizaton: unknown key" in capsys.readouterr().err
+    assert main(["--kvpilot", "target_utilization=1.5", "--policies", "kvpilot"]) == 2
+    assert "--kvpilot.target_utilization: 1.5 must be in (0, 1]" in capsys.readouterr().err
