@@ -9,7 +9,8 @@
 # results.tar.gz with everything (JSON, plots); the raw outputs are written under $WORK first.
 # Wheels the machine lacks (orjson, pytest-asyncio; vllm-router and its fastapi/uvicorn for step
 # 4) travel in .whl/, and wrk and nginx (Debian binaries, plus wrk's libluajit) in .devtools/
-# (both git-ignored; name them in the run's carry).
+# (both git-ignored; `bash scripts/device-tools.sh [--python311]` fills them here; name them in
+# the run's carry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device}
