@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvpilot.config import Config, load_or_exit, watch_config
+from kvpilot.cpus import available_cpus
 from kvpilot.tasks import cancel_and_wait
 
 
@@ -31,15 +32,16 @@ def main(argv: list[str]) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = load_or_exit(args.config)
-    if cfg.gateway.workers > 1 and args.worker < 0:
-        return supervise(cfg, args.config, args.listen, args.log_level)
+    workers = cfg.gateway.workers or min(64, available_cpus())
+    if workers > 1 and args.worker < 0:
+        return supervise(cfg, args.config, args.listen, args.log_level, workers)
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as r:
         r.run(serve(cfg, args.config, args.listen, reuse_port=args.worker >= 0))
     return 0
 
 
-def supervise(cfg: Config, path: str, listen: str, log_level: str) -> int:
-    """Run `gateway.workers` processes on one port (SO_REUSEPORT: the kernel spreads connections).
+def supervise(cfg: Config, path: str, listen: str, log_level: str, workers: int) -> int:
+    """Run `workers` processes on one port (SO_REUSEPORT: the kernel spreads connections).
 
     One Python process is one core; workers multiply the proxy's throughput. Each worker has its
     own in-flight account and sees the same replica states (agents, scrapes); /metrics from any
@@ -61,9 +63,7 @@ def supervise(cfg: Config, path: str, listen: str, log_level: str) -> int:
     shown = "[" + host + "]" if ":" in host else host
     cmd = [sys.executable, "-m", "kvpilot.cli", "gateway", "--config", str(path)]
     cmd += ["--listen", f"{shown}:{bound}", "--log-level", log_level]
-    procs = [
-        subprocess.Popen([*cmd, "--worker", str(i)], env=env) for i in range(cfg.gateway.workers)
-    ]
+    procs = [subprocess.Popen([*cmd, "--worker", str(i)], env=env) for i in range(workers)]
     stopping = False
 
     def stop(*_: object) -> None:

@@ -97,7 +97,9 @@ class GatewayConfig:
     queue_when_saturated: bool = (
         True  # headroom holds requests when no replica fits (else fail open)
     )
-    workers: int = 1  # processes sharing the listen port (SO_REUSEPORT), each with its own account
+    # processes sharing the listen port (SO_REUSEPORT), each with its own account; 0: one per CPU
+    # the pod may use (its CPU limit, else its affinity; kvpilot/cpus.py)
+    workers: int = 1
     # The SLO headroom routes and releases held requests by (gateway/headroom.py's defaults):
     # TTFT target = ttft_target_s + ttft_per_1k_tokens_s x prompt tokens / 1000.
     ttft_target_s: float = 1.0
@@ -318,8 +320,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"gateway.{key}: {getattr(gw, key)} is out of range")
     if not 0 <= gw.retry_budget_ratio <= 1:
         raise ConfigError(f"gateway.retry_budget_ratio: {gw.retry_budget_ratio} must be 0 to 1")
-    if not 1 <= gw.workers <= 64:
-        raise ConfigError(f"gateway.workers: {gw.workers} must be 1 to 64")
+    if not 0 <= gw.workers <= 64:
+        raise ConfigError(f"gateway.workers: {gw.workers} must be 0 (one per CPU) to 64")
     for key in ("ttft_target_s", "tpot_target_s"):
         if not 0 < getattr(gw, key) <= 3600:
             raise ConfigError(f"gateway.{key}: {getattr(gw, key)} must be > 0 and <= 3600 seconds")

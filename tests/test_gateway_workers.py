@@ -37,9 +37,10 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def test_workers_must_be_1_to_64() -> None:
+def test_workers_must_be_0_to_64() -> None:
     assert parse_config({"gateway": {"workers": 4}}).gateway.workers == 4
-    for bad in (0, 65):
+    assert parse_config({"gateway": {"workers": 0}}).gateway.workers == 0  # one per CPU
+    for bad in (-1, 65):
         with pytest.raises(ConfigError, match="gateway.workers"):
             parse_config({"gateway": {"workers": bad}})
 
