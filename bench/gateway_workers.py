@@ -4,12 +4,16 @@ Each worker keeps its own in-flight account (what it sent each replica since the
 state), so with N workers every account sees about 1/N of the traffic between two scrapes. This
 replays one seeded open-loop trace through `kvpilot gateway` with `gateway.workers: 1` and then
 with `--workers N`, in front of the same skewed fleet of emulated model servers (default one H100
-and two L4s, Llama-3.1-8B, no agent: replica states come from the gateway's own 0.5 s scrapes), and
-compares the share of requests each replica got and the TTFT the clients saw. The two are
-alternated `--repeat` times (1, N, 1, N, ...) so that drift in the machine's load hits both.
+and two L4s, Llama-3.1-8B; replica states from the gateway's own 0.5 s scrapes, or with
+`--states agent` pushed by one `kvpilot agent`), and compares the share of requests each
+replica got and the TTFT the clients saw. The two are alternated `--repeat` times (1, N, 1, N, ...) so that drift in the machine's load hits both.
 
     .venv/bin/python bench/gateway_workers.py [--rate 8] [--duration 40] [--workers 2]
         [--fleet h100,l4,l4] [--policy headroom] [--reference round-robin] [--repeat 2]
+        [--states scrape|agent] [--peer-sync S]
+
+The workers share their in-flight totals every `gateway.peer_sync_s` (gateway/peers.py);
+`--peer-sync 0` shows what routing looks like without that.
 
 Requests: completions with random token-id prompts of 256-2,048 tokens, 32 output tokens
 (`ignore_eos`), streamed; Poisson arrivals. Time scale 1 (real time), so TTFT is in engine seconds
@@ -128,6 +132,18 @@ def main() -> int:
     ap.add_argument("--reference", default="round-robin", help="a policy to run once; '' for none")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each worker count, alternated")
+    ap.add_argument(
+        "--states",
+        choices=("scrape", "agent"),
+        default="scrape",
+        help="replica states from each worker's own 0.5 s scrapes, or pushed by one kvpilot agent",
+    )
+    ap.add_argument(
+        "--peer-sync",
+        type=float,
+        default=None,
+        help="gateway.peer_sync_s for the workers (default: the config's; 0: no shared totals)",
+    )
     args = ap.parse_args()
     duration = min(args.duration, 120.0)
     trace = make_trace(args.rate, duration, args.seed)
@@ -144,13 +160,23 @@ def main() -> int:
             stack.enter_context(running([*cmd, "--port", str(port)], port))
             urls.append(f"http://127.0.0.1:{port}")
         names = {u: f"{g}#{i}" for i, (u, g) in enumerate(zip(urls, gpus, strict=True))}
+        pools = f"pools:\n  - name: p\n    models: [{MODEL}]\n    endpoints: [{', '.join(urls)}]\n"
+        states = ""
+        if args.states == "agent":  # one agent for the whole fleet, as on one node
+            aport = free_port()
+            acfg = Path(td) / "agent.yaml"
+            acfg.write_text(pools + f"agent:\n  listen: 127.0.0.1:{aport}\n  gpus: emulated\n")
+            cmd = [PY, "-m", "kvpilot.cli", "agent", "--config", str(acfg)]
+            stack.enter_context(running([*cmd, "--log-level", "WARNING"], aport))
+            states = f"  agents: [http://127.0.0.1:{aport}]\n  scrape_fallback: false\n"
+        if args.peer_sync is not None:
+            states += f"  peer_sync_s: {args.peer_sync}\n"
         for policy, workers in runs:
             gport = free_port()
             cfg = Path(td) / f"gw-{policy}-{workers}.yaml"
             cfg.write_text(
-                f"pools:\n  - name: p\n    models: [{MODEL}]\n    endpoints: [{', '.join(urls)}]\n"
-                f"gateway:\n  listen: 127.0.0.1:{gport}\n  policy: {policy}\n"
-                f"  workers: {workers}\n"
+                pools + f"gateway:\n  listen: 127.0.0.1:{gport}\n  policy: {policy}\n"
+                f"  workers: {workers}\n" + states
             )
             cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
             with running([*cmd, "--log-level", "WARNING"], gport):
@@ -165,7 +191,8 @@ def main() -> int:
 
     print(
         f"{len(trace)} requests, Poisson {args.rate} req/s over {duration:.0f} s, prompts 256-2048 "
-        f"tokens, 32 out; fleet {args.fleet} ({MODEL}, emulated, real time); states by scrape\n"
+        f"tokens, 32 out; fleet {args.fleet} ({MODEL}, emulated, real time); states by "
+        f"{args.states}; peer_sync_s {'default' if args.peer_sync is None else args.peer_sync}\n"
     )
     head = " | ".join(names[u] for u in urls)
     print(f"| policy | workers | TTFT p50 s | TTFT p90 s | TTFT p99 s | mean s | failed | {head} |")

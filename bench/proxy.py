@@ -1,7 +1,7 @@
 """What a proxy adds: the same wrk load against a fixed-answer backend, directly and through proxies.
 
     .venv/bin/python bench/proxy.py [--duration 5] [--repeat 3] [--workers 2[,4...]] [--rate 1000]
-                                    [--threads 1] [--backend-processes 1]
+                                    [--threads 1] [--backend-processes 1] [--unshared]
 
 Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
 that the machine's load drifts over all of them alike): the backend itself
@@ -185,11 +185,14 @@ http {{
     return conf
 
 
-def gateway_config(path: Path, port: int, backend: int, workers: int) -> None:
+def gateway_config(
+    path: Path, port: int, backend: int, workers: int, peer_sync_s: float | None = None
+) -> None:
     path.write_text(
         f"pools:\n  - name: fixed\n    models: [{MODEL}]\n"
         f"    endpoints: [http://127.0.0.1:{backend}]\n"
         f"gateway:\n  listen: 127.0.0.1:{port}\n  policy: headroom\n  workers: {workers}\n"
+        + ("" if peer_sync_s is None else f"  peer_sync_s: {peer_sync_s}\n")
     )
 
 
@@ -218,6 +221,11 @@ def main() -> int:
         "--workers", default="2", help="also gateways with N[,M...] workers (comma list); 0: none"
     )
     ap.add_argument("--threads", type=int, default=1, help="wrk threads")
+    ap.add_argument(
+        "--unshared",
+        action="store_true",
+        help="also each multi-worker gateway with peer_sync_s: 0 (what sharing costs)",
+    )
     ap.add_argument("--backend-processes", type=int, default=1)
     args = ap.parse_args()
     duration = min(args.duration, 15)
@@ -241,12 +249,15 @@ def main() -> int:
         backend_cmd = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
         backend_cmd += ["--chunks", str(args.chunks), "--processes", str(args.backend_processes)]
         commands: list[tuple[str, list[str], int, bool]] = []
-        gateways = [1] + [w for w in map(int, args.workers.split(",")) if w > 1]
-        for w in gateways:
+        gateways = [(1, None)]
+        for w in (w for w in map(int, args.workers.split(",")) if w > 1):
+            gateways += [(w, None)] + ([(w, 0.0)] if args.unshared else [])
+        for w, sync in gateways:
             gport = free_port()
-            cfg = tmp / f"kvpilot-{w}.yaml"
-            gateway_config(cfg, gport, bport, w)
+            cfg = tmp / f"kvpilot-{w}-{sync}.yaml"
+            gateway_config(cfg, gport, bport, w, sync)
             name = "kvpilot gateway" + (f" ({w} workers)" if w > 1 else "")
+            name = name.replace(")", ", unshared)") if sync == 0.0 else name
             cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
             commands.append((name, [*cmd, "--log-level", "WARNING"], gport, True))
         fport = free_port()

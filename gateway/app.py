@@ -31,6 +31,8 @@ from prometheus_client import (
 
 from gateway.discovery import Discovery
 from gateway.fleet import Fleet, StateFeeds
+from gateway.peers import ENV_DIR as PEERS_ENV_DIR
+from gateway.peers import PeerAccounts
 from gateway.proxy import Gateway
 from kvpilot.config import Config, parse_listen
 from kvpilot.tasks import cancel_and_wait
@@ -44,8 +46,9 @@ DISCOVERY = web.AppKey("discovery", Discovery)
 TICK_S = 0.5  # ejections run out and stale states age between events: look again this often
 
 
-def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
-    """The gateway as an aiohttp app. `kube_api_client` overrides the in-cluster/kubeconfig client."""
+def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> web.Application:
+    """The gateway as an aiohttp app. `kube_api_client` overrides the in-cluster/kubeconfig client;
+    `worker` >= 0: one of `gateway.workers` processes (shares in-flight totals with the others)."""
     gw_cfg = cfg.gateway
     gateway_box: dict[str, Gateway] = {}
 
@@ -85,6 +88,18 @@ def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
         gateway.session = session
+        peers_dir = os.environ.get(PEERS_ENV_DIR, "")
+        if worker >= 0 and peers_dir and gw_cfg.peer_sync_s > 0:
+            fleet.peers = PeerAccounts(
+                peers_dir,
+                worker,
+                fleet.ledger.snapshots,
+                learned=gateway.learned,
+                epoch=gateway.policy_epoch,
+                learn=gateway.learn_from_peers,
+                interval_s=gw_cfg.peer_sync_s,
+                loop=asyncio.get_running_loop(),
+            )
         discovery = Discovery(
             cfg.pools,
             fleet,
@@ -111,6 +126,9 @@ def build_app(cfg: Config, *, kube_api_client: Any = None) -> web.Application:
             await feeds.stop()
             await app[DISCOVERY].stop()
             await session.close()
+            if fleet.peers is not None:
+                fleet.peers.close()
+                fleet.peers = None
 
     app.cleanup_ctx.append(lifecycle)
 
@@ -233,14 +251,16 @@ async def start_gateway(
     port: int | None = None,
     kube_api_client: Any = None,
     reuse_port: bool = False,
+    worker: int = -1,
 ) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner (call `cleanup()` to stop) and the base URL .../v1.
 
-    `reuse_port`: share the port with other gateway workers (SO_REUSEPORT)."""
+    `reuse_port`: share the port with other gateway workers (SO_REUSEPORT); `worker`: this
+    process's index among them."""
     lhost, lport = parse_listen(cfg.gateway.listen)
     host = lhost if host is None else host
     port = lport if port is None else port
-    app = build_app(cfg, kube_api_client=kube_api_client)
+    app = build_app(cfg, kube_api_client=kube_api_client, worker=worker)
     # handler_cancellation: a client that goes away cancels its handler, which closes upstream.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10)
     await runner.setup()

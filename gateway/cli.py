@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.peers import ENV_DIR as PEERS_ENV_DIR
+from gateway.peers import create_file as create_peer_file
 from kvpilot.config import Config, load_or_exit, watch_config
 from kvpilot.cpus import available_cpus
 from kvpilot.tasks import cancel_and_wait
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     if workers > 1 and args.worker < 0:
         return supervise(cfg, args.config, args.listen, args.log_level, workers)
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as r:
-        r.run(serve(cfg, args.config, args.listen, reuse_port=args.worker >= 0))
+        r.run(serve(cfg, args.config, args.listen, worker=args.worker))
     return 0
 
 
@@ -59,7 +61,10 @@ def supervise(cfg: Config, path: str, listen: str, log_level: str, workers: int)
     holder.bind((host, port))
     bound = holder.getsockname()[1]
     prom_dir = tempfile.mkdtemp(prefix="kvpilot-gateway-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prom_dir}
+    peers_dir = tempfile.mkdtemp(prefix="kvpilot-gateway-peers-")  # shared in-flight totals
+    for i in range(workers):
+        create_peer_file(Path(peers_dir), i)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prom_dir, PEERS_ENV_DIR: peers_dir}
     shown = "[" + host + "]" if ":" in host else host
     cmd = [sys.executable, "-m", "kvpilot.cli", "gateway", "--config", str(path)]
     cmd += ["--listen", f"{shown}:{bound}", "--log-level", log_level]
@@ -93,6 +98,7 @@ def supervise(cfg: Config, path: str, listen: str, log_level: str, workers: int)
     finally:
         holder.close()
         shutil.rmtree(prom_dir, ignore_errors=True)
+        shutil.rmtree(peers_dir, ignore_errors=True)
     return code
 
 
@@ -105,12 +111,15 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def serve(cfg: Config, path: str, listen: str = "", *, reuse_port: bool = False) -> None:
+async def serve(cfg: Config, path: str, listen: str = "", *, worker: int = -1) -> None:
+    """Serve until SIGTERM/SIGINT; `worker` >= 0: one of the supervisor's worker processes."""
     from gateway.app import GATEWAY, apply_config, start_gateway
     from kvpilot.config import parse_listen
 
     host, port = parse_listen(listen or cfg.gateway.listen)
-    runner, url = await start_gateway(cfg, host=host, port=port, reuse_port=reuse_port)
+    runner, url = await start_gateway(
+        cfg, host=host, port=port, reuse_port=worker >= 0, worker=worker
+    )
     print(f"kvpilot gateway serving {url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,7 +22,8 @@ import aiohttp
 
 from gateway import metrics
 from gateway.estimate import RequestFeatures
-from gateway.inflight import InFlightLedger
+from gateway.inflight import InFlight, InFlightLedger
+from gateway.peers import PeerAccounts, add
 from gateway.picker import RateSeed, ReplicaView
 from kvpilot.signals import NodeState, ReplicaState
 from kvpilot.tasks import cancel_and_wait
@@ -94,6 +95,11 @@ class Fleet:
         self.synced: set[str] = set()  # pools whose discovery has reported at least once
         self.profiles: dict[str, RateSeed | None] = {}  # pool -> speed seed for its replicas
         self._views: dict[str, _PoolViews] = {}
+        # With several gateway workers: the others' in-flight totals (gateway/peers.py), and per
+        # replica the (own, peers', summed) totals last handed out, so a view's InFlight stays the
+        # same object while neither part changed.
+        self.peers: PeerAccounts | None = None
+        self._summed: dict[str, tuple[InFlight, InFlight, InFlight]] = {}
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -142,6 +148,7 @@ class Fleet:
         r.state = state
         r.state_source = source
         self.ledger.observed(r.replica_id, state.observed_at)
+        self._ledger_changed()
         self._touch(r)
         self._changed(r.pool)
         return True
@@ -166,6 +173,11 @@ class Fleet:
         self, pool: str, now: float, exclude: frozenset[str] = frozenset()
     ) -> list[ReplicaView]:
         """Pickable replicas of a pool (terminating, ejected, unhealthy and excluded ones left out)."""
+        if self.peers is not None:
+            for rid in self.peers.poll(now):
+                peer = self.by_id.get(rid)
+                if peer is not None:
+                    self._touch(peer)
         profile = self.profiles.get(pool)
         c = self._views.get(pool)
         reps = self.pools.get(pool, {})
@@ -204,7 +216,7 @@ class Fleet:
                 state, until = None, math.inf  # too old to trust: route on in-flight counts alone
             elif not state.healthy:
                 return None, until  # its agent says it stopped answering
-        inflight = self.ledger.get(r.replica_id)
+        inflight = self._inflight(r.replica_id)
         if (
             v is None
             or v.state is not state
@@ -213,6 +225,22 @@ class Fleet:
         ):
             v = ReplicaView(r.replica_id, state, inflight, False, profile)
         return v, until
+
+    def _inflight(self, replica_id: str) -> InFlight:
+        own = self.ledger.get(replica_id)
+        peers = self.peers.totals.get(replica_id) if self.peers is not None else None
+        if peers is None:
+            return own
+        last = self._summed.get(replica_id)
+        if last is not None and last[0] is own and last[1] is peers:
+            return last[2]
+        summed = add(own, peers)
+        self._summed[replica_id] = (own, peers, summed)
+        return summed
+
+    def _ledger_changed(self) -> None:
+        if self.peers is not None:
+            self.peers.changed()
 
     def _touch(self, r: Replica) -> None:
         c = self._views.get(r.pool)
@@ -231,6 +259,7 @@ class Fleet:
         r = self.by_id.get(replica_id)
         block = r.state.kv_block_size if r is not None and r.state is not None else 16
         self.ledger.start(replica_id, req, now, block_size=block or 16)
+        self._ledger_changed()
         if r is not None:
             self._touch(r)
             r.inflight += 1
@@ -239,12 +268,14 @@ class Fleet:
 
     def first_token(self, replica_id: str, request_id: str, now: float) -> None:
         self.ledger.first_token(replica_id, request_id, now)
+        self._ledger_changed()
         r = self.by_id.get(replica_id)
         if r is not None:
             self._touch(r)
 
     def finish(self, replica_id: str, request_id: str, now: float) -> None:
         self.ledger.finish(replica_id, request_id, now)
+        self._ledger_changed()
         r = self.by_id.get(replica_id)
         if r is not None:
             self._touch(r)

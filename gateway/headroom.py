@@ -240,6 +240,9 @@ class Headroom(BasePolicy):
         self.learn_deadband = learn_deadband
         self._glob = [0.0, 0.0]  # fleet-wide log-ratio of observed to predicted (TTFT, TPOT)
         self._glob_used = (0.0, 0.0)  # the one the current entries were derived with
+        # What this process's own observations moved, cumulative per replica ("": the
+        # fleet-wide bias): other gateway workers add it to theirs (gateway/peers.py)
+        self._own_deltas: dict[str, list[float]] = {}
         self._start = 0
 
     # -- learning -----------------------------------------------------------------------------
@@ -260,9 +263,8 @@ class Headroom(BasePolicy):
             return
         _, ttft_pred, tpot_pred = pred
         b, c = self.learn_bound, self.learn_clip
-        learned = False
+        before = (lr.log_ttft, lr.log_tpot, self._glob[0], self._glob[1])
         if ttft_s is not None and ttft_s > 0 and ttft_pred > 1e-3:
-            learned = True
             # predictions were stored uncorrected: this log-ratio is the whole correction; one
             # observation moves the estimate by at most learn_rate x learn_clip (an unlucky
             # queue is not a trend)
@@ -272,12 +274,51 @@ class Headroom(BasePolicy):
             lr.log_ttft = max(-b, min(b, lr.log_ttft))
             self._glob[0] += a * max(-c, min(c, x - self._glob[0]))
         if tpot_s is not None and tpot_s > 0 and tpot_pred > 1e-4:
-            learned = True
             x = math.log(tpot_s / tpot_pred)
             a = self.learn_rate_tpot
             lr.log_tpot += a * max(-c, min(c, x - lr.log_tpot))
             lr.log_tpot = max(-b, min(b, lr.log_tpot))
             self._glob[1] += a * max(-c, min(c, x - self._glob[1]))
+        after = (lr.log_ttft, lr.log_tpot, self._glob[0], self._glob[1])
+        if after != before:
+            d = self._own_deltas.setdefault(replica_id, [0.0, 0.0])
+            d[0] += after[0] - before[0]
+            d[1] += after[1] - before[1]
+            g = self._own_deltas.setdefault("", [0.0, 0.0])
+            g[0] += after[2] - before[2]
+            g[1] += after[3] - before[3]
+            self._relearned(replica_id, lr)
+
+    def learned(self) -> dict[str, tuple[float, float]]:
+        """Cumulative corrections this process's own observations made (TTFT, TPOT log-ratios),
+        per replica and under "" the fleet-wide bias: what it shares with other workers."""
+        return {rid: (d[0], d[1]) for rid, d in self._own_deltas.items()}
+
+    def learn_from_peers(self, deltas: dict[str, tuple[float, float]]) -> None:
+        """Add what other workers learned since last time (increments of their `learned()`), so
+        that every worker learns from all of the traffic, not its 1/N share."""
+        b = self.learn_bound
+        for rid, (d_ttft, d_tpot) in deltas.items():
+            if rid == "":
+                self._glob[0] += d_ttft
+                self._glob[1] += d_tpot
+                continue
+            lr = self._rep.get(rid)
+            if lr is None:
+                lr = self._rep[rid] = _Learned()
+                lr.log_ttft, lr.log_tpot = self._glob[0], self._glob[1]
+            lr.log_ttft = max(-b, min(b, lr.log_ttft + d_ttft))
+            lr.log_tpot = max(-b, min(b, lr.log_tpot + d_tpot))
+            self._relearned(rid, lr)
+        self._check_bias()
+
+    def _relearned(self, rid: str, lr: _Learned) -> None:
+        """`rid`'s correction (or the fleet-wide one) changed: re-derive at the next pick."""
+        self._check_bias()
+        lr.derived = ()
+        self._drop_entry(rid)
+
+    def _check_bias(self) -> None:
         if self.learn_relative and (
             abs(self._glob[0] - self._glob_used[0]) > 0.05
             or abs(self._glob[1] - self._glob_used[1]) > 0.05
@@ -288,12 +329,10 @@ class Headroom(BasePolicy):
                 self._drop_entry(other)
             for other in self._rep.values():
                 other.derived = ()
-        if learned:  # the correction changed: re-derive at the next pick
-            lr.derived = ()
-            self._drop_entry(replica_id)
 
     def forget(self, replica_id: str) -> None:
         self._rep.pop(replica_id, None)
+        self._own_deltas.pop(replica_id, None)
         self._drop_entry(replica_id)
         self.index.remove(replica_id)
 

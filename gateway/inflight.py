@@ -161,6 +161,10 @@ class InFlightLedger:
         acc = self._acc.get(replica_id)
         return EMPTY if acc is None else acc.snapshot
 
+    def snapshots(self) -> dict[str, InFlight]:
+        """Every replica's totals (what a worker shares with its peers)."""
+        return {rid: acc.snapshot for rid, acc in self._acc.items()}
+
     def forget(self, replica_id: str) -> None:
         """The replica left the pool: drop its account."""
         self._acc.pop(replica_id, None)

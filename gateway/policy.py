@@ -121,6 +121,10 @@ class Policy(Protocol):
         now: float,
     ) -> None: ...
 
+    def learned(self) -> dict[str, tuple[float, float]]: ...
+
+    def learn_from_peers(self, deltas: dict[str, tuple[float, float]]) -> None: ...
+
 
 NO_REPLICAS = Decision(None, "no-replicas")
 
@@ -154,4 +158,12 @@ class BasePolicy:
 
     def forget(self, replica_id: str) -> None:
         """The replica left the pool."""
+        return None
+
+    def learned(self) -> dict[str, tuple[float, float]]:
+        """What this process learned, cumulative, for other gateway workers (gateway/peers.py)."""
+        return {}
+
+    def learn_from_peers(self, deltas: dict[str, tuple[float, float]]) -> None:
+        """Take what other gateway workers learned since last time."""
         return None

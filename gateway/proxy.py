@@ -178,6 +178,21 @@ class Gateway:
     def models(self) -> list[str]:
         return list(self.model_pool)
 
+    # ---- what other gateway workers learn (gateway/peers.py) ---------------------------------
+
+    def learned(self) -> dict[str, tuple[int, dict[str, tuple[float, float]]]]:
+        """Per pool: its policy's identity (a new policy starts over) and what it learned."""
+        return {name: (id(rt.policy), rt.policy.learned()) for name, rt in self.pools.items()}
+
+    def policy_epoch(self, pool: str) -> int | None:
+        rt = self.pools.get(pool)
+        return None if rt is None else id(rt.policy)
+
+    def learn_from_peers(self, pool: str, deltas: dict[str, tuple[float, float]]) -> None:
+        rt = self.pools.get(pool)
+        if rt is not None:
+            rt.policy.learn_from_peers(deltas)
+
     def wake(self, pool: str) -> None:
         """Capacity may have changed in a pool: let its queue try again."""
         rt = self.pools.get(pool)
@@ -331,6 +346,8 @@ class Gateway:
             if isinstance(pt, int) and isinstance(ct, int):
                 self.estimator.observe_usage(model, req.prompt_chars, pt, ct)
         rt.policy.observe(replica_id, req, out.ttft_s, out.tpot_s, now)
+        if self.fleet.peers is not None:
+            self.fleet.peers.changed(learned=True)
 
     # ---- forwarding ---------------------------------------------------------------------------
 

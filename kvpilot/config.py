@@ -100,6 +100,8 @@ class GatewayConfig:
     # processes sharing the listen port (SO_REUSEPORT), each with its own account; 0: one per CPU
     # the pod may use (its CPU limit, else its affinity; kvpilot/cpus.py)
     workers: int = 1
+    # how often workers exchange their in-flight totals (gateway/peers.py); 0: never
+    peer_sync_s: float = 0.01
     # The SLO headroom routes and releases held requests by (gateway/headroom.py's defaults):
     # TTFT target = ttft_target_s + ttft_per_1k_tokens_s x prompt tokens / 1000.
     ttft_target_s: float = 1.0
@@ -320,6 +322,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"gateway.{key}: {getattr(gw, key)} is out of range")
     if not 0 <= gw.retry_budget_ratio <= 1:
         raise ConfigError(f"gateway.retry_budget_ratio: {gw.retry_budget_ratio} must be 0 to 1")
+    if not 0 <= gw.peer_sync_s <= 1:
+        raise ConfigError(f"gateway.peer_sync_s: {gw.peer_sync_s} must be 0 (off) to 1 second")
     if not 0 <= gw.workers <= 64:
         raise ConfigError(f"gateway.workers: {gw.workers} must be 0 (one per CPU) to 64")
     for key in ("ttft_target_s", "tpot_target_s"):

@@ -137,3 +137,104 @@ def alive(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     except FileNotFoundError:
         return False
+
+
+async def test_a_second_worker_avoids_the_replica_the_first_keeps_busy(tmp_path: Path) -> None:
+    """Two real worker processes, least-request, no replica states (in-flight counts only): a
+    request held open on one replica through one worker must steer the requests that reach the
+    *other* worker to the other replica. Without shared totals that worker sees 0 and 0 and
+    picks at random (about half the requests to the busy one)."""
+    release = asyncio.Event()
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    def upstream(name: str) -> web.Application:
+        async def answer(request: web.Request) -> web.Response:
+            body = await request.json()
+            got[name].append(body["prompt"])
+            if body["prompt"] == "hold":
+                await release.wait()
+            return web.json_response(
+                {"choices": [{"text": "ok"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+            )
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", answer)
+        return app
+
+    servers = [TestServer(upstream(n), host="127.0.0.1") for n in ("a", "b")]
+    for s in servers:
+        await s.start_server()
+    port = free_port()
+    cfg = tmp_path / "kvpilot.yaml"
+    cfg.write_text(
+        "pools:\n  - name: p\n    models: [m]\n    endpoints: ["
+        + ", ".join(f"http://127.0.0.1:{s.port}" for s in servers)
+        + f"]\ngateway:\n  listen: 127.0.0.1:{port}\n  policy: least-request\n  workers: 2\n"
+        "  scrape_fallback: false\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    async def post(prompt: str) -> int:
+        conn = aiohttp.TCPConnector(force_close=True)  # a fresh connection: any worker
+        async with (
+            aiohttp.ClientSession(connector=conn) as c,
+            c.post(f"{base}/v1/completions", json={"model": "m", "prompt": prompt}) as r,
+        ):
+            await r.read()
+            return r.status
+
+    try:
+        for _ in range(200):  # both workers started and one answers (bounded wait)
+            if len(children(proc.pid)) == 2:
+                try:
+                    async with aiohttp.ClientSession() as s, s.get(f"{base}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+            await asyncio.sleep(0.1)
+        # /healthz answering says one worker listens, not both: probe on fresh connections
+        # until both have routed (their in-flight series carry their pids; bounded).
+        pids: set[str] = set()
+        for _ in range(20):
+            for _ in range(10):
+                assert await post("probe") == 200
+            async with aiohttp.ClientSession() as s, s.get(f"{base}/metrics") as r:
+                pids = set(
+                    re.findall(r'kvpilot_gateway_inflight_requests\{pid="(\d+)"', await r.text())
+                )
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, "the second worker never routed a request"
+        got["a"].clear()
+        got["b"].clear()
+        held = asyncio.create_task(post("hold"))
+        for _ in range(100):
+            if got["a"] or got["b"]:
+                break
+            await asyncio.sleep(0.02)
+        busy = "a" if got["a"] else "b"
+        await asyncio.sleep(0.3)  # well past peer_sync_s (10 ms)
+        statuses = []
+        for i in range(30):
+            statuses.append(await post(f"q{i}"))
+            # Totals are exchanged every peer_sync_s: a request that ended a moment ago may
+            # still count at the other worker for that long (real requests last far longer).
+            await asyncio.sleep(0.03)
+        assert statuses == [200] * 30
+        assert got[busy] == ["hold"], f"the busy replica got {got[busy][1:]} as well"
+        other = "b" if busy == "a" else "a"
+        assert len(got[other]) == 30
+        release.set()
+        assert await held == 200
+    finally:
+        release.set()
+        proc.terminate()
+        await proc.wait()
+        for s in servers:
+            await s.close()

@@ -339,6 +339,27 @@ def test_headroom_learns_a_slow_replica_from_observed_ttft() -> None:
     assert picks[0] == "b" and picks.count("b") >= 4
 
 
+def test_a_headroom_worker_learns_what_another_observed() -> None:
+    """Gateway workers share learning (gateway/peers.py): the increments of one policy's
+    `learned()` given to another's `learn_from_peers` teach it the same corrections."""
+    one, two = make_policy("headroom"), make_policy("headroom")
+    a, b = view("a"), view("b")
+    for i in range(40):  # only `one` sees answers: a 4x slower than its profile, b as profiled
+        for v, slow in ((a, 4.0), (b, 1.0)):
+            r = req(f"{v.replica_id}{i}", prompt=3000)
+            one.pick(r, [v], 100.0 + i)
+            one.observe(v.replica_id, r, slow * one._pending[r.request_id][1], None, 100.5 + i)
+    assert two.correction("a") == (1.0, 1.0)
+    two.learn_from_peers(one.learned())
+    # as `one` learned them (up to when each last re-based on the fleet-wide bias)
+    assert one.correction("a")[0] > 1.5 and two.correction("a")[0] > 1.5
+    assert two.correction("a")[0] == pytest.approx(one.correction("a")[0], rel=0.05)
+    assert two.correction("b")[0] <= 1.0
+    assert two.learned() == {}  # what it was told is not its own to pass on
+    picks = {two.pick(req(f"z{i}", prompt=3000), [a, b], 200.0).replica_id for i in range(3)}
+    assert picks == {"b"}  # and it routes on it
+
+
 def test_headroom_ignores_small_deviations_and_a_uniform_bias() -> None:
     pol = make_policy("headroom")
     a, b = view("a"), view("b")

@@ -1,0 +1,250 @@
+"""What the gateway's worker processes (`gateway.workers` > 1) share: in-flight totals and learning.
+
+Each worker sends its own share of the traffic, keeps its own in-flight ledger and learns its own
+per-replica speed corrections (headroom). Alone, every worker would see only 1/N of what was sent
+between two replica states, and learn from 1/N of the answers, and routing degrades with N
+(bench/gateway_workers.py: 8 workers tripled TTFT p99 and sent the slow replicas 2.5x their
+share). So each worker publishes into a small memory-mapped file of its own, at most every
+`interval_s`: its per-replica `InFlight` totals, and per pool the cumulative corrections its own
+observations made. Before a pick a worker reads its peers' files (again at most every
+`interval_s`), adds their in-flight totals to its own, and applies the increments of their
+corrections to its policy, so every worker learns from all of the answers.
+
+File layout (one per worker, `w<index>` in the directory the supervisor made): a header of
+`seq` (u64) and `length` (u32), then `length` bytes of JSON: `{"f": {replica_id: [requests,
+prompt_tokens, kv_blocks, unacked, prefill_tokens, demand_blocks]}, "l": {pool: [policy epoch,
+{replica_id or "": [d_ttft, d_tpot]}]}}`. The writer makes `seq` odd while it writes and even
+when done (a seqlock), so a reader that sees an odd or changed `seq` keeps what it read last time
+instead of a torn copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.inflight import EMPTY, InFlight
+
+log = logging.getLogger(__name__)
+
+ENV_DIR = "KVPILOT_GATEWAY_PEERS"  # set by the supervisor for its workers
+HEADER = struct.Struct("<QI")
+FILE_BYTES = 1 << 20  # ~15,000 replicas' worth of JSON; a larger fleet is not shared (logged)
+RELIST_S = 1.0  # how often to look for peer files (they all appear at start-up)
+# Learning moves slowly (an EWMA per replica) and its section grows with the fleet: it goes out
+# with every this-many-th interval's publish only (cumulative, so a skipped one loses nothing).
+LEARNED_EVERY = 10
+
+
+Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
+
+
+def _row(f: InFlight) -> list[int]:
+    return [f.requests, f.prompt_tokens, f.kv_blocks, f.unacked, f.prefill_tokens, f.demand_blocks]
+
+
+def add(a: InFlight, b: InFlight) -> InFlight:
+    return InFlight(
+        a.requests + b.requests,
+        a.prompt_tokens + b.prompt_tokens,
+        a.kv_blocks + b.kv_blocks,
+        a.unacked + b.unacked,
+        a.prefill_tokens + b.prefill_tokens,
+        a.demand_blocks + b.demand_blocks,
+    )
+
+
+def create_file(directory: Path, worker: int) -> Path:
+    """Worker `worker`'s file, full size (zeros until it first writes). The supervisor makes all
+    of them before it starts the workers, so each worker finds every peer at its first look;
+    never shrunk, since a peer may have it mapped."""
+    path = directory / f"w{worker}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < FILE_BYTES:
+            os.ftruncate(fd, FILE_BYTES)
+    finally:
+        os.close(fd)
+    return path
+
+
+class PeerAccounts:
+    """This worker's window on the other workers' in-flight totals and learning, and its own
+    published copy. `learned` gives, per pool, this worker's policy epoch and cumulative
+    corrections; `epoch(pool)` its current policy's epoch (None: no such pool here); `learn(pool,
+    increments)` applies what peers learned."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        worker: int,
+        source: Callable[[], dict[str, InFlight]],
+        *,
+        learned: Callable[[], dict[str, tuple[int, Learned]]] = dict,
+        epoch: Callable[[str], int | None] = lambda pool: None,
+        learn: Callable[[str, Learned], None] = lambda pool, d: None,
+        interval_s: float = 0.01,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.dir = Path(directory)
+        self.name = f"w{worker}"
+        self.source = source  # this worker's own totals per replica (the ledger's snapshots)
+        self.learned, self.epoch, self.learn = learned, epoch, learn
+        # (peer, pool) -> (peer's epoch, our epoch, its cumulative corrections when last applied)
+        self._applied: dict[tuple[str, str], tuple[int, int, Learned]] = {}
+        self.interval_s = interval_s
+        self.loop = loop  # publishes are deferred on it; None: publish at once (tests)
+        path = create_file(self.dir, worker)
+        with open(path, "r+b") as f:
+            self._own = mmap.mmap(f.fileno(), FILE_BYTES)
+        self._seq = 0
+        self._write(b'{"f": {}, "l": {}}')
+        self._peers: dict[str, tuple[mmap.mmap, int, dict[str, InFlight]]] = {}
+        self._listed_at = -1e18
+        self._read_at = -1e18
+        self._published_at = -1e18
+        self._learned_at = -1e18
+        self._learn_dirty = True  # the first publish says what there is (nothing yet)
+        self._learn_pending: asyncio.TimerHandle | None = None
+        self._pending: asyncio.TimerHandle | None = None
+        self._too_big = False
+        self.totals: dict[str, InFlight] = {}  # replica id -> the peers' summed totals
+
+    # ---- publishing this worker's totals --------------------------------------------------------
+
+    def changed(self, learned: bool = False) -> None:
+        """This worker's ledger changed (`learned`: its policy learned from an answer too):
+        publish within `interval_s`, at most once per interval."""
+        self._learn_dirty |= learned
+        if self.loop is None:
+            self.publish()
+            return
+        if self._pending is not None:
+            return
+        delay = max(0.0, self._published_at + self.interval_s - time.monotonic())
+        self._pending = self.loop.call_later(delay, self._publish_pending)
+
+    def _publish_pending(self) -> None:
+        self._pending = None
+        self.publish()
+
+    def _publish_learned(self) -> None:
+        self._learn_pending = None
+        self.publish()
+
+    def publish(self) -> None:
+        self._published_at = time.monotonic()
+        own = {rid: _row(f) for rid, f in self.source().items() if f != EMPTY}
+        out: dict[str, Any] = {"f": own}
+        if self._learn_dirty:
+            wait = self._learned_at + LEARNED_EVERY * self.interval_s - self._published_at
+            if wait <= 0 or self.loop is None:
+                self._learned_at = self._published_at
+                self._learn_dirty = False
+                out["l"] = {pool: [ep, d] for pool, (ep, d) in self.learned().items() if d}
+            elif self._learn_pending is None:  # it goes out later, with this one at the latest
+                self._learn_pending = self.loop.call_later(wait, self._publish_learned)
+        self._write(orjson.dumps(out))
+
+    def _write(self, payload: bytes) -> None:
+        if len(payload) > FILE_BYTES - HEADER.size:
+            if not self._too_big:
+                self._too_big = True
+                log.warning("in-flight totals (%d bytes) too large to share", len(payload))
+            return
+        self._seq += 1  # odd: being written
+        HEADER.pack_into(self._own, 0, self._seq, 0)
+        self._own[HEADER.size : HEADER.size + len(payload)] = payload
+        self._seq += 1
+        HEADER.pack_into(self._own, 0, self._seq, len(payload))
+
+    # ---- reading the peers' ---------------------------------------------------------------------
+
+    def poll(self, now: float) -> set[str]:
+        """Re-read the peers' files if `interval_s` has passed; the replica ids whose summed
+        peer totals changed (their views must be rebuilt)."""
+        if now - self._read_at < self.interval_s:
+            return set()
+        self._read_at = now
+        if now - self._listed_at >= RELIST_S:
+            self._listed_at = now
+            self._relist()
+        changed = False
+        for name, (mm, seq, rows) in list(self._peers.items()):
+            s1, length = HEADER.unpack_from(mm, 0)
+            if s1 == seq or s1 & 1:
+                continue  # nothing new, or being written: keep the last good copy
+            raw = mm[HEADER.size : HEADER.size + length]
+            if HEADER.unpack_from(mm, 0)[0] != s1:
+                continue  # overwritten while we copied
+            try:
+                data = orjson.loads(raw)
+                new = {rid: InFlight(*row) for rid, row in data["f"].items()}
+            except (orjson.JSONDecodeError, TypeError, AttributeError, KeyError):
+                continue
+            if new != rows:
+                changed = True
+            self._peers[name] = (mm, s1, new)
+            if "l" in data:
+                self._apply(name, data["l"])
+        if not changed:
+            return set()
+        totals: dict[str, InFlight] = {}
+        for _, _, rows in self._peers.values():
+            for rid, f in rows.items():
+                t = totals.get(rid)
+                totals[rid] = f if t is None else add(t, f)
+        touched = {
+            rid
+            for rid in totals.keys() | self.totals.keys()
+            if totals.get(rid) != self.totals.get(rid)
+        }
+        self.totals = totals
+        return touched
+
+    def _apply(self, peer: str, learned: dict[str, Any]) -> None:
+        """Hand the policies what `peer` learned since we last looked."""
+        for pool, (peer_epoch, cumulative) in learned.items():
+            ours = self.epoch(pool)
+            if ours is None:
+                continue
+            last = self._applied.get((peer, pool))
+            # a new policy there or here: everything it learned is new to us
+            before = last[2] if last is not None and last[:2] == (peer_epoch, ours) else {}
+            inc: Learned = {}
+            for rid, (a, b) in cumulative.items():
+                a0, b0 = before.get(rid, (0.0, 0.0))
+                if a != a0 or b != b0:
+                    inc[rid] = (a - a0, b - b0)
+            self._applied[(peer, pool)] = (peer_epoch, ours, cumulative)
+            if inc:
+                self.learn(pool, inc)
+
+    def _relist(self) -> None:
+        for p in self.dir.iterdir():
+            if p.name == self.name or p.name in self._peers or not p.name.startswith("w"):
+                continue
+            try:
+                with open(p, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), FILE_BYTES, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                continue  # not sized yet: the next listing finds it
+            self._peers[p.name] = (mm, -1, {})
+
+    def close(self) -> None:
+        for handle in (self._pending, self._learn_pending):
+            if handle is not None:
+                handle.cancel()
+        for mm, _, _ in self._peers.values():
+            mm.close()
+        self._peers.clear()
+        self._own.close()

@@ -1,0 +1,177 @@
+"""gateway/peers.py: gateway workers see each other's in-flight totals (real mmap'd files)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gateway.estimate import Estimator
+from gateway.fleet import Endpoint, Fleet
+from gateway.inflight import InFlight
+from gateway.peers import HEADER, PeerAccounts
+
+NOW = 1_000.0
+
+
+def test_a_worker_reads_what_another_published(tmp_path: Path) -> None:
+    mine: dict[str, InFlight] = {"r1": InFlight(2, 100, 10, 1, 100, 20)}
+    a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
+    b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
+    try:
+        a.changed()  # no loop: published at once
+        assert b.poll(NOW) == {"r1"}
+        assert b.totals == {"r1": InFlight(2, 100, 10, 1, 100, 20)}
+        assert a.poll(NOW) == set() and a.totals == {}  # b publishes nothing in flight
+        mine.clear()
+        a.changed()
+        assert b.poll(NOW + 0.001) == set()  # read at most once per interval
+        assert b.poll(NOW + 0.02) == {"r1"} and b.totals == {}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_torn_write_keeps_the_last_good_copy(tmp_path: Path) -> None:
+    mine = {"r1": InFlight(1, 10, 1, 1, 10, 2)}
+    a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
+    b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
+    try:
+        a.changed()
+        b.poll(NOW)
+        seq, length = HEADER.unpack_from(a._own, 0)
+        HEADER.pack_into(a._own, 0, seq + 1, length)  # odd: a writer is mid-way
+        a._own[HEADER.size : HEADER.size + 2] = b"{x"
+        assert b.poll(NOW + 1) == set()
+        assert b.totals == {"r1": InFlight(1, 10, 1, 1, 10, 2)}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_peers_learning_arrives_as_increments_and_starts_over_with_a_new_policy(
+    tmp_path: Path,
+) -> None:
+    theirs = {"p": (1, {"r1": (0.2, 0.0), "": (0.05, 0.0)})}
+    ours = {"p": 7}
+    got: list[tuple[str, dict]] = []
+    a = PeerAccounts(tmp_path, 0, dict, learned=lambda: dict(theirs), interval_s=0.01)
+    b = PeerAccounts(
+        tmp_path, 1, dict, epoch=ours.get, learn=lambda pool, d: got.append((pool, d)),
+        interval_s=0.01,
+    )  # fmt: skip
+    try:
+        a.changed(learned=True)
+        b.poll(NOW)
+        assert got == [("p", {"r1": (0.2, 0.0), "": (0.05, 0.0)})]
+        theirs["p"] = (1, {"r1": (0.5, 0.25), "": (0.05, 0.0)})
+        a.changed(learned=True)
+        b.poll(NOW + 1)
+        assert got[-1][0] == "p" and got[-1][1] == {"r1": pytest.approx((0.3, 0.25))}
+        theirs["p"] = (2, {"r1": (0.1, 0.0)})  # their policy was replaced: all of it is new
+        a.changed(learned=True)
+        b.poll(NOW + 2)
+        assert got[-1] == ("p", {"r1": (0.1, 0.0)})
+        ours["p"] = 8  # ours was replaced: it has learned none of theirs yet
+        theirs["p"] = (2, {"r1": (0.1, 0.0), "x": (0.0, 0.1)})
+        a.changed(learned=True)
+        b.poll(NOW + 3)
+        assert got[-1] == ("p", {"r1": (0.1, 0.0), "x": (0.0, 0.1)})
+        n = len(got)
+        theirs["q"] = (1, {"r9": (0.4, 0.0)})  # a pool this worker does not have
+        a.changed(learned=True)
+        b.poll(NOW + 4)
+        assert len(got) == n
+    finally:
+        a.close()
+        b.close()
+
+
+def _fleet(tmp_path: Path, worker: int) -> Fleet:
+    f = Fleet(stale_after_s=5.0)
+    f.set_endpoints("p", [Endpoint(f"r{i}", f"http://10.0.0.{i}:8000") for i in range(2)])
+    f.peers = PeerAccounts(tmp_path, worker, f.ledger.snapshots, interval_s=0.01)
+    return f
+
+
+def test_fleets_of_two_workers_add_each_others_requests(tmp_path: Path) -> None:
+    a, b = _fleet(tmp_path, 0), _fleet(tmp_path, 1)
+    try:
+        req = Estimator().features("q1", "m", "hello " * 40, 8)
+        first = {v.replica_id: v for v in b.views("p", NOW)}
+        a.start("r0", req, NOW)
+        seen = {v.replica_id: v for v in b.views("p", NOW + 1)}
+        assert seen["r0"].inflight.requests == 1
+        assert seen["r0"].inflight.prompt_tokens == req.prompt_tokens
+        assert seen["r1"] is first["r1"]  # untouched replicas keep their view
+        b.start("r0", Estimator().features("q2", "m", "hi", 8), NOW + 1)
+        both = {v.replica_id: v for v in b.views("p", NOW + 1)}["r0"].inflight
+        assert both.requests == 2  # its own and its peer's
+        a.finish("r0", "q1", NOW + 2)
+        assert {v.replica_id: v for v in b.views("p", NOW + 3)}["r0"].inflight.requests == 1
+    finally:
+        for f in (a, b):
+            assert f.peers is not None
+            f.peers.close()
+
+
+async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
+    tmp_path: Path,
+) -> None:
+    theirs = {"p": (1, {"r1": (0.1, 0.0)})}
+    got: list[dict] = []
+    a = PeerAccounts(
+        tmp_path, 0, dict, learned=lambda: dict(theirs), interval_s=0.01,
+        loop=asyncio.get_running_loop(),
+    )  # fmt: skip
+    b = PeerAccounts(
+        tmp_path, 1, dict, epoch=lambda pool: 1, learn=lambda pool, d: got.append(d),
+        interval_s=0.0,
+    )  # fmt: skip
+    try:
+        a.changed(learned=True)
+        await asyncio.sleep(0.02)
+        b.poll(NOW)
+        assert got == [{"r1": (0.1, 0.0)}]
+        theirs["p"] = (1, {"r1": (0.3, 0.0)})
+        # within 10 intervals of the last learning: in-flight only now, the learning later
+        a.changed(learned=True)
+        await asyncio.sleep(0.02)
+        b.poll(NOW + 1)
+        assert len(got) == 1
+        await asyncio.sleep(0.15)  # a's follow-up publish carries it, with no further change
+        b.poll(NOW + 2)
+        assert got[-1] == {"r1": pytest.approx((0.2, 0.0))}
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_publishes_are_deferred_and_coalesced(tmp_path: Path) -> None:
+    n = 0
+
+    def source() -> dict[str, InFlight]:
+        nonlocal n
+        n += 1
+        return {"r1": InFlight(n)}
+
+    a = PeerAccounts(tmp_path, 0, source, interval_s=0.05, loop=asyncio.get_running_loop())
+    try:
+        for _ in range(10):
+            a.changed()
+        await asyncio.sleep(0.12)
+        assert n == 1  # ten changes within one interval: one publish
+        a.changed()
+        await asyncio.sleep(0.12)
+        assert n == 2
+    finally:
+        a.close()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 2])
+def test_peer_sync_is_checked(bad: float) -> None:
+    from kvpilot.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="gateway.peer_sync_s"):
+        parse_config({"gateway": {"peer_sync_s": bad}})
