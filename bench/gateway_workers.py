@@ -10,7 +10,7 @@ replica got and the TTFT the clients saw. The two are alternated `--repeat` time
 
     .venv/bin/python bench/gateway_workers.py [--rate 8] [--duration 40] [--workers 2]
         [--fleet h100,l4,l4] [--policy headroom] [--reference round-robin] [--repeat 2]
-        [--states scrape|agent] [--peer-sync S]
+        [--states scrape|agent] [--peer-sync S] [--prefixes K]
 
 The workers share their in-flight totals every `gateway.peer_sync_s` (gateway/peers.py);
 `--peer-sync 0` shows what routing looks like without that.
@@ -62,15 +62,49 @@ def running(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
             p.wait(5)
 
 
-def make_trace(rate: float, duration_s: float, seed: int) -> list[tuple[float, list[int]]]:
+def make_trace(
+    rate: float, duration_s: float, seed: int, prefixes: int = 0
+) -> list[tuple[float, list[int]]]:
+    """Poisson arrivals of random prompts of 256-2,048 tokens; with `prefixes` > 0 each prompt is
+    one of that many shared 1,024-token prefixes (a system prompt, a document) plus 64-512 tokens
+    of its own, so that routing to the replica that holds the prefix pays."""
     rng = random.Random(seed)
+    shared = [[rng.randrange(100, 30000) for _ in range(1024)] for _ in range(prefixes)]
     t, out = 0.0, []
     while True:
         t += rng.expovariate(rate)
         if t >= duration_s:
             return out
-        n = rng.randint(256, 2048)
-        out.append((t, [rng.randrange(100, 30000) for _ in range(n)]))
+        if shared:
+            own = [rng.randrange(100, 30000) for _ in range(rng.randint(64, 512))]
+            out.append((t, rng.choice(shared) + own))
+        else:
+            n = rng.randint(256, 2048)
+            out.append((t, [rng.randrange(100, 30000) for _ in range(n)]))
+
+
+async def reset_prefix_caches(urls: list[str]) -> None:
+    async with aiohttp.ClientSession() as s:
+        for u in urls:
+            async with s.post(f"{u}/reset_prefix_cache") as resp:
+                resp.raise_for_status()
+
+
+async def prefix_hits(urls: list[str]) -> tuple[float, float]:
+    """The fleet's prefix-cache (hit, queried) tokens so far, from the servers' vLLM counters."""
+    hits = queries = 0.0
+    async with aiohttp.ClientSession() as s:
+        for u in urls:
+            async with s.get(f"{u}/metrics") as resp:
+                text = await resp.text()
+            for name, value in re.findall(
+                r"^vllm:prefix_cache_(hits|queries)_total\{[^}]*\} ([\d.e+]+)", text, re.M
+            ):
+                if name == "hits":
+                    hits += float(value)
+                else:
+                    queries += float(value)
+    return hits, queries
 
 
 async def one(
@@ -139,6 +173,9 @@ def main() -> int:
         help="replica states from each worker's own 0.5 s scrapes, or pushed by one kvpilot agent",
     )
     ap.add_argument(
+        "--prefixes", type=int, default=0, help="K shared 1,024-token prefixes (0: none)"
+    )
+    ap.add_argument(
         "--peer-sync",
         type=float,
         default=None,
@@ -146,7 +183,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     duration = min(args.duration, 120.0)
-    trace = make_trace(args.rate, duration, args.seed)
+    trace = make_trace(args.rate, duration, args.seed, args.prefixes)
     gpus = args.fleet.split(",")
     runs = [(args.policy, 1), (args.policy, args.workers)] * max(1, args.repeat)
     if args.reference:
@@ -182,26 +219,35 @@ def main() -> int:
             with running([*cmd, "--log-level", "WARNING"], gport):
                 time.sleep(2.0)  # first scrapes
                 base = f"http://127.0.0.1:{gport}"
+                asyncio.run(reset_prefix_caches(urls))  # every run starts cold
+                h0, q0 = asyncio.run(prefix_hits(urls))
                 ttfts = asyncio.run(replay(f"{base}/v1/completions", trace))
                 share = asyncio.run(spread(f"{base}/metrics"))
+                h1, q1 = asyncio.run(prefix_hits(urls))
             ok = [t for t in ttfts if t is not None]
             total = sum(share.values()) or 1.0
-            rows.append((policy, workers, ok, len(ttfts) - len(ok), share, total))
+            hit = (h1 - h0) / (q1 - q0) if q1 > q0 else 0.0
+            rows.append((policy, workers, ok, len(ttfts) - len(ok), share, total, hit))
             time.sleep(3.0)  # let the fleet drain between runs
 
     print(
         f"{len(trace)} requests, Poisson {args.rate} req/s over {duration:.0f} s, prompts 256-2048 "
         f"tokens, 32 out; fleet {args.fleet} ({MODEL}, emulated, real time); states by "
-        f"{args.states}; peer_sync_s {'default' if args.peer_sync is None else args.peer_sync}\n"
+        f"{args.states}; peer_sync_s {'default' if args.peer_sync is None else args.peer_sync}; "
+        f"{args.prefixes} shared prefixes\n"
     )
     head = " | ".join(names[u] for u in urls)
-    print(f"| policy | workers | TTFT p50 s | TTFT p90 s | TTFT p99 s | mean s | failed | {head} |")
-    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(urls))
-    for policy, workers, ok, failed, share, total in rows:
+    print(
+        "| policy | workers | TTFT p50 s | TTFT p90 s | TTFT p99 s | mean s | failed | "
+        f"prefix-cache hits | {head} |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(urls))
+    for policy, workers, ok, failed, share, total, hit in rows:
         shares = " | ".join(f"{100 * share.get(u, 0.0) / total:.0f} %" for u in urls)
         print(
             f"| {policy} | {workers} | {pct(ok, 0.5):.3f} | {pct(ok, 0.9):.3f} | "
-            f"{pct(ok, 0.99):.3f} | {statistics.fmean(ok):.3f} | {failed} | {shares} |"
+            f"{pct(ok, 0.99):.3f} | {statistics.fmean(ok):.3f} | {failed} | {100 * hit:.0f} % | "
+            f"{shares} |"
         )
     return 0
 

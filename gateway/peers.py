@@ -1,21 +1,23 @@
-"""What the gateway's worker processes (`gateway.workers` > 1) share: in-flight totals and learning.
+"""What the gateway's worker processes (`gateway.workers` > 1) share so that they route as one.
 
-Each worker sends its own share of the traffic, keeps its own in-flight ledger and learns its own
-per-replica speed corrections (headroom). Alone, every worker would see only 1/N of what was sent
-between two replica states, and learn from 1/N of the answers, and routing degrades with N
-(bench/gateway_workers.py: 8 workers tripled TTFT p99 and sent the slow replicas 2.5x their
-share). So each worker publishes into a small memory-mapped file of its own, at most every
-`interval_s`: its per-replica `InFlight` totals, and per pool the cumulative corrections its own
-observations made. Before a pick a worker reads its peers' files (again at most every
-`interval_s`), adds their in-flight totals to its own, and applies the increments of their
-corrections to its policy, so every worker learns from all of the answers.
+Each worker sends its own share of the traffic, keeps its own in-flight ledger, learns its own
+per-replica speed corrections (headroom) and its own prefix index (which replica holds which
+prompt blocks). Alone, each would see 1/N of what was sent between two replica states, learn
+from 1/N of the answers and find a shared prefix's home on its own, and routing degrades with N
+(bench/gateway_workers.py, 8 workers: TTFT p99 2.4-2.8x, the slow replicas 2.5x their share;
+prefix-cache hits 25 % where one worker got 56 %). So each worker publishes into a small
+memory-mapped file of its own, at most every `interval_s`: its per-replica `InFlight` totals,
+per pool the cumulative corrections its own observations made (every LEARNED_EVERY intervals),
+and the prefix-index additions of its last second's picks. Before a pick a worker reads its
+peers' files (again at most every `interval_s`), adds their in-flight totals to its own, applies
+the increments of their corrections to its policy and adds their prefix additions to its index.
 
 File layout (one per worker, `w<index>` in the directory the supervisor made): a header of
 `seq` (u64) and `length` (u32), then `length` bytes of JSON: `{"f": {replica_id: [requests,
 prompt_tokens, kv_blocks, unacked, prefill_tokens, demand_blocks]}, "l": {pool: [policy epoch,
-{replica_id or "": [d_ttft, d_tpot]}]}}`. The writer makes `seq` odd while it writes and even
-when done (a seqlock), so a reader that sees an odd or changed `seq` keeps what it read last time
-instead of a torn copy.
+{replica_id or "": [d_ttft, d_tpot]}]}, "p": {pool: [policy epoch, [[seq, replica_id, [hash,
+...]], ...]]}}`. The writer makes `seq` odd while it writes and even when done (a seqlock), so a
+reader that sees an odd or changed `seq` keeps what it read last time instead of a torn copy.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import mmap
 import os
 import struct
 import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from typing import Any
 import orjson
 
 from gateway.inflight import EMPTY, InFlight
+from gateway.ring import RingReader, RingWriter
+from gateway.ring import create as create_ring
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +48,17 @@ RELIST_S = 1.0  # how often to look for peer files (they all appear at start-up)
 # Learning moves slowly (an EWMA per replica) and its section grows with the fleet: it goes out
 # with every this-many-th interval's publish only (cumulative, so a skipped one loses nothing).
 LEARNED_EVERY = 10
+# Prefix-index additions (which replica now holds which prompt blocks) go into a byte ring of
+# their own per worker (gateway/ring.py): each written once, each read once by every peer, however
+# seldom that peer looks. 8 MiB holds ~4,000 requests of 256 blocks; a peer further behind loses
+# the oldest (the index is approximate anyway).
+RING_BYTES = 8 << 20
+PREFIX = struct.Struct("<HH")  # pool name and replica id lengths; then both, then u64 hashes
 
 
 Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
+# prefix-index additions: (pool, replica id, block hashes)
+Prefixes = list[tuple[str, str, tuple[int, ...]]]
 
 
 def _row(f: InFlight) -> list[int]:
@@ -74,6 +87,7 @@ def create_file(directory: Path, worker: int) -> Path:
             os.ftruncate(fd, FILE_BYTES)
     finally:
         os.close(fd)
+    create_ring(directory / f"w{worker}.prefix", RING_BYTES)
     return path
 
 
@@ -92,6 +106,8 @@ class PeerAccounts:
         learned: Callable[[], dict[str, tuple[int, Learned]]] = dict,
         epoch: Callable[[str], int | None] = lambda pool: None,
         learn: Callable[[str, Learned], None] = lambda pool, d: None,
+        prefixes: Callable[[], Prefixes] = list,
+        add_prefixes: Callable[[str, list[tuple[str, tuple[int, ...]]]], None] = lambda p, e: None,
         interval_s: float = 0.01,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -99,6 +115,9 @@ class PeerAccounts:
         self.name = f"w{worker}"
         self.source = source  # this worker's own totals per replica (the ledger's snapshots)
         self.learned, self.epoch, self.learn = learned, epoch, learn
+        self.prefixes, self.add_prefixes = prefixes, add_prefixes
+        self._ring = RingWriter(self.dir / f"{self.name}.prefix", RING_BYTES)
+        self._rings: dict[str, RingReader] = {}
         # (peer, pool) -> (peer's epoch, our epoch, its cumulative corrections when last applied)
         self._applied: dict[tuple[str, str], tuple[int, int, Learned]] = {}
         self.interval_s = interval_s
@@ -145,6 +164,9 @@ class PeerAccounts:
         self._published_at = time.monotonic()
         own = {rid: _row(f) for rid, f in self.source().items() if f != EMPTY}
         out: dict[str, Any] = {"f": own}
+        for pool, rid, hashes in self.prefixes():
+            p, r = pool.encode(), rid.encode()
+            self._ring.append(PREFIX.pack(len(p), len(r)) + p + r + array("Q", hashes).tobytes())
         if self._learn_dirty:
             wait = self._learned_at + LEARNED_EVERY * self.interval_s - self._published_at
             if wait <= 0 or self.loop is None:
@@ -196,6 +218,8 @@ class PeerAccounts:
             self._peers[name] = (mm, s1, new)
             if "l" in data:
                 self._apply(name, data["l"])
+        for reader in self._rings.values():
+            self._apply_prefixes(reader.read())
         if not changed:
             return set()
         totals: dict[str, InFlight] = {}
@@ -229,16 +253,35 @@ class PeerAccounts:
             if inc:
                 self.learn(pool, inc)
 
+    def _apply_prefixes(self, records: list[bytes]) -> None:
+        """Add to our prefix indexes what a peer routed since we last looked."""
+        by_pool: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+        for rec in records:
+            lp, lr = PREFIX.unpack_from(rec, 0)
+            at = PREFIX.size
+            pool = rec[at : at + lp].decode()
+            rid = rec[at + lp : at + lp + lr].decode()
+            hashes = array("Q")
+            hashes.frombytes(rec[at + lp + lr :])
+            by_pool.setdefault(pool, []).append((rid, tuple(hashes)))
+        for pool, entries in by_pool.items():
+            if self.epoch(pool) is not None:
+                self.add_prefixes(pool, entries)
+
     def _relist(self) -> None:
         for p in self.dir.iterdir():
             if p.name == self.name or p.name in self._peers or not p.name.startswith("w"):
                 continue
+            if "." in p.name:
+                continue  # a ring: opened with its worker's file, below
             try:
                 with open(p, "rb") as f:
                     mm = mmap.mmap(f.fileno(), FILE_BYTES, access=mmap.ACCESS_READ)
+                ring = RingReader(p.with_name(f"{p.name}.prefix"), RING_BYTES)
             except (OSError, ValueError):
                 continue  # not sized yet: the next listing finds it
             self._peers[p.name] = (mm, -1, {})
+            self._rings[p.name] = ring
 
     def close(self) -> None:
         for handle in (self._pending, self._learn_pending):
@@ -246,5 +289,9 @@ class PeerAccounts:
                 handle.cancel()
         for mm, _, _ in self._peers.values():
             mm.close()
+        for reader in self._rings.values():
+            reader.close()
         self._peers.clear()
+        self._rings.clear()
         self._own.close()
+        self._ring.close()

@@ -9,7 +9,7 @@ LRU, as the model server's prefix cache is. The same structure serves the GIE pr
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 DEFAULT_CAPACITY = 31_250  # blocks per replica: the GIE default (an 8B model's cache on an H100)
@@ -31,6 +31,21 @@ class PrefixIndex:
         self._by_hash: dict[int, str | set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
+        # With several gateway workers: this worker's own additions not yet passed to the others
+        # (gateway/peers.py drains it); None: not kept. Bounded: an undrained one drops the oldest.
+        self.journal: deque[tuple[str, tuple[int, ...]]] | None = None
+
+    def keep_journal(self, entries: int = 4096) -> None:
+        if self.journal is None:
+            self.journal = deque(maxlen=entries)
+
+    def drain(self) -> list[tuple[str, tuple[int, ...]]]:
+        """This worker's own additions since the last drain, oldest first."""
+        if not self.journal:
+            return []
+        out = list(self.journal)
+        self.journal.clear()
+        return out
 
     def holders(self, h: int) -> set[str]:
         """The replicas holding block hash `h`."""
@@ -83,10 +98,13 @@ class PrefixIndex:
                 stack.append((active - inside, lo, mid - 1))
         return res
 
-    def add(self, replica_id: str, hashes: Sequence[int]) -> None:
-        """The request with these hashes was sent to `replica_id`: its blocks are now cached there."""
+    def add(self, replica_id: str, hashes: Sequence[int], *, from_peer: bool = False) -> None:
+        """The request with these hashes was sent to `replica_id`: its blocks are now cached there.
+        `from_peer`: another gateway worker sent it (not journaled again)."""
         if not hashes:
             return
+        if self.journal is not None and not from_peer:
+            self.journal.append((replica_id, tuple(hashes)))
         lru = self._lru.get(replica_id)
         if lru is None:
             lru = self._lru[replica_id] = OrderedDict()

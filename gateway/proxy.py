@@ -33,6 +33,7 @@ from gateway.errors import GatewayError
 from gateway.estimate import Estimator, RequestFeatures, prompt_text
 from gateway.fleet import Fleet
 from gateway.picker import Decision, Policy, RateSeed, make_policy, rate_seed_for
+from gateway.prefix import PrefixIndex
 from gateway.queue import PoolQueue
 from kvpilot.config import Config, GatewayConfig, PoolConfig
 
@@ -121,6 +122,7 @@ class Gateway:
         self.cfg = cfg
         self.gw: GatewayConfig = cfg.gateway
         self._seq = itertools.count()
+        self.sharing = False  # other gateway workers read what this one routes (gateway/peers.py)
         self.configure(cfg)
 
     # ---- configuration -----------------------------------------------------------------------
@@ -168,6 +170,8 @@ class Gateway:
                     timeout_s=cfg.gateway.queue_timeout_s,
                     queue_key=queue_key,
                 )
+            if self.sharing:
+                self._keep_journal(rt)
             self.pools[pool.name] = rt
         self.fleet.profiles = {p.name: pool_profile(p) for p in cfg.pools}
         self.model_pool = {}
@@ -192,6 +196,33 @@ class Gateway:
         rt = self.pools.get(pool)
         if rt is not None:
             rt.policy.learn_from_peers(deltas)
+
+    def share_with_peers(self) -> None:
+        """Other workers read our prefix additions: keep a journal of them (new policies too)."""
+        self.sharing = True
+        for rt in self.pools.values():
+            self._keep_journal(rt)
+
+    def _keep_journal(self, rt: PoolRuntime) -> None:
+        index = getattr(rt.policy, "index", None)
+        if isinstance(index, PrefixIndex):
+            index.keep_journal()
+
+    def drain_prefixes(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(pool, replica, block hashes) this worker added to its prefix indexes since last time."""
+        out = []
+        for name, rt in self.pools.items():
+            index = getattr(rt.policy, "index", None)
+            if isinstance(index, PrefixIndex) and index.journal:
+                out += [(name, rid, hashes) for rid, hashes in index.drain()]
+        return out
+
+    def add_peer_prefixes(self, pool: str, entries: list[tuple[str, list[int]]]) -> None:
+        rt = self.pools.get(pool)
+        index = getattr(rt.policy, "index", None) if rt is not None else None
+        if isinstance(index, PrefixIndex):
+            for replica_id, hashes in entries:
+                index.add(replica_id, hashes, from_peer=True)
 
     def wake(self, pool: str) -> None:
         """Capacity may have changed in a pool: let its queue try again."""

@@ -655,6 +655,13 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(status=200) if failed is None else error_response(503, failed)
 
 
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """POST /reset_prefix_cache, as vLLM's server has it: forget every cached prefix (blocks in
+    use stay with their requests), e.g. between benchmark runs."""
+    request.app[LOOP].engine.pool.reset_prefix_cache()
+    return web.Response(status=200)
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[LOOP].metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -762,6 +769,7 @@ def build_app(config: ServerConfig, engine: Engine | None = None) -> web.Applica
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/engine/state", state)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     return app
 
 

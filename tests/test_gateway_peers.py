@@ -175,3 +175,115 @@ def test_peer_sync_is_checked(bad: float) -> None:
 
     with pytest.raises(ConfigError, match="gateway.peer_sync_s"):
         parse_config({"gateway": {"peer_sync_s": bad}})
+
+
+def test_prefix_index_journals_its_own_additions_only() -> None:
+    from gateway.prefix import PrefixIndex
+
+    idx = PrefixIndex()
+    idx.add("r0", (1, 2, 3))  # no journal kept: nothing recorded
+    idx.keep_journal()
+    idx.add("r0", (1, 2, 3))
+    idx.add("r1", (7, 8), from_peer=True)  # another worker's: not passed on again
+    idx.add("r1", (4, 5, 6, 9))
+    assert idx.drain() == [("r0", (1, 2, 3)), ("r1", (4, 5, 6, 9))]
+    assert idx.drain() == []
+    assert idx.match((7, 8)) == {"r1": 2}  # the peer's addition is in the index all the same
+
+
+def test_ring_gives_each_reader_every_record_once_across_wrap_and_loses_when_overtaken(
+    tmp_path: Path,
+) -> None:
+    from gateway.ring import RingReader, RingWriter
+
+    w = RingWriter(tmp_path / "r", 64)
+    fast, slow = RingReader(tmp_path / "r", 64), RingReader(tmp_path / "r", 64)
+    try:
+        seen: list[bytes] = []
+        for i in range(20):  # 20 x 14 bytes through a 64-byte ring: wraps four times
+            assert w.append(b"record-%04d" % i)
+            seen += fast.read()
+        assert seen == [b"record-%04d" % i for i in range(20)]
+        assert fast.read() == []
+        assert slow.read() == [] and slow.lost > 0  # overtaken: what it missed is gone
+        w.append(b"after")
+        assert slow.read() == [b"after"] and fast.read() == [b"after"]
+        assert not w.append(b"x" * 20)  # over a quarter of the ring: refused
+    finally:
+        for x in (w, fast, slow):
+            x.close()
+
+
+def test_peers_prefix_additions_arrive_once_each(tmp_path: Path) -> None:
+    queued: list[tuple[str, str, tuple[int, ...]]] = [("p", "r0", (11, 12))]
+    got: list[tuple[str, list]] = []
+
+    def drain() -> list[tuple[str, str, tuple[int, ...]]]:
+        out = list(queued)
+        queued.clear()
+        return out
+
+    a = PeerAccounts(tmp_path, 0, dict, prefixes=drain, interval_s=0.01)
+    b = PeerAccounts(
+        tmp_path, 1, dict, epoch={"p": 5}.get, add_prefixes=lambda pool, e: got.append((pool, e)),
+        interval_s=0.01,
+    )  # fmt: skip
+    try:
+        a.changed()
+        b.poll(NOW)
+        assert got == [("p", [("r0", (11, 12))])]
+        queued += [("p", "r1", (13,)), ("q", "r9", (1,)), ("p", "r2", (2**64 - 1,))]
+        a.changed()
+        a.changed()  # a publish with nothing new adds nothing
+        b.poll(NOW + 1)  # pool q is not this worker's: left out
+        assert got[1:] == [("p", [("r1", (13,)), ("r2", (2**64 - 1,))])]
+        b.poll(NOW + 2)
+        assert len(got) == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_worker_routes_to_where_another_sent_the_same_prefix(tmp_path: Path) -> None:
+    from gateway.proxy import Gateway
+    from kvpilot.config import parse_config
+
+    cfg = parse_config(
+        {
+            "pools": [
+                {"name": "p", "models": ["m"], "endpoints": [f"http://10.0.0.{i}:8000" for i in range(4)]}
+            ],
+            "gateway": {"policy": "headroom"},
+        }
+    )  # fmt: skip
+    gateways = []
+    for w in (0, 1):
+        f = Fleet(stale_after_s=5.0)
+        g = Gateway(cfg, f)
+        f.set_endpoints("p", [Endpoint(f"r{i}", f"http://10.0.0.{i}:8000") for i in range(4)])
+        f.peers = PeerAccounts(
+            tmp_path, w, f.ledger.snapshots, learned=g.learned, epoch=g.policy_epoch,
+            learn=g.learn_from_peers, prefixes=g.drain_prefixes, add_prefixes=g.add_peer_prefixes,
+            interval_s=0.0,
+        )  # fmt: skip
+        g.share_with_peers()
+        gateways.append(g)
+    one, two = gateways
+    try:
+        doc = "A long document both workers' clients ask about. " * 60
+        est = Estimator()
+        # `one` sends it to r3 (the others excluded, as after failures): not where a tie goes
+        first = one._pick(
+            one.pools["p"],
+            est.features("q1", "m", doc + "first?", 16),
+            frozenset({"r0", "r1", "r2"}),
+        )
+        assert first.replica_id == "r3"
+        one.fleet.finish(first.replica_id, "q1", NOW)
+        # `two` never routed this prefix; with `one`'s additions it finds where it lives
+        d = two._pick(two.pools["p"], est.features("q2", "m", doc + "second?", 16), frozenset())
+        assert d.replica_id == first.replica_id
+    finally:
+        for g in gateways:
+            assert g.fleet.peers is not None
+            g.fleet.peers.close()

@@ -187,6 +187,21 @@ async def test_prefix_cache_hits_on_a_repeated_prompt(http: aiohttp.ClientSessio
         await srv.stop()
 
 
+async def test_reset_prefix_cache_forgets_what_was_cached(http: aiohttp.ClientSession) -> None:
+    srv = await start_server(_config())
+    try:
+        prompt = "A prompt the cache will forget. " * 40
+        await complete(http, srv.url, prompt=prompt, max_tokens=2, ignore_eos=True)
+        again = await complete(http, srv.url, prompt=prompt, max_tokens=2, ignore_eos=True)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        async with http.post(srv.url + "/reset_prefix_cache") as r:
+            assert r.status == 200
+        after = await complete(http, srv.url, prompt=prompt, max_tokens=2, ignore_eos=True)
+        assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    finally:
+        await srv.stop()
+
+
 async def test_prefix_caching_off_never_hits(http: aiohttp.ClientSession) -> None:
     srv = await start_server(_config(enable_prefix_caching=False))
     try:
