@@ -122,7 +122,7 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
     theirs = {"p": (1, {"r1": (0.1, 0.0)})}
     got: list[dict] = []
     a = PeerAccounts(
-        tmp_path, 0, dict, learned=lambda: dict(theirs), interval_s=0.01,
+        tmp_path, 0, dict, learned=lambda: dict(theirs), interval_s=0.05,
         loop=asyncio.get_running_loop(),
     )  # fmt: skip
     b = PeerAccounts(
@@ -137,10 +137,12 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
         theirs["p"] = (1, {"r1": (0.3, 0.0)})
         # within 10 intervals of the last learning: in-flight only now, the learning later
         a.changed(learned=True)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(
+            0.1
+        )  # its publish (in-flight only) is out; the learning is due at 0.5 s
         b.poll(NOW + 1)
         assert len(got) == 1
-        await asyncio.sleep(0.15)  # a's follow-up publish carries it, with no further change
+        await asyncio.sleep(0.7)  # a's follow-up publish carries it, with no further change
         b.poll(NOW + 2)
         assert got[-1] == {"r1": pytest.approx((0.2, 0.0))}
     finally:
