@@ -73,3 +73,13 @@ def test_the_controller_reads_every_gateway_pod(docs: list[dict]) -> None:
     (url,) = load_config(MANIFESTS / "base" / "kvpilot.yaml").controller.gateways
     ns = pods["metadata"]["namespace"]
     assert url == f"http://kvpilot-gateway-pods.{ns}.svc.cluster.local:{port}"
+
+
+def test_a_read_only_root_still_leaves_workers_a_writable_tmp(docs: list[dict]) -> None:
+    """gateway.workers > 1: the supervisor keeps the workers' shared files under /tmp."""
+    spec = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "gateway"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume and not mount.get("readOnly", False)
