@@ -734,6 +734,33 @@ class Headroom(BasePolicy):
         self._record(req, rid, best_x, ttft, best[14], q <= best_x * self.learn_max_queue)
         return Decision(rid, reason, scores)
 
+    def _sent(self, lr: _Learned, uncached: float, prompt_tokens: int, out: float) -> None:
+        """A request went to `lr`'s replica: what it brings that is not cached there."""
+        # the mean uncached prompt stands in for the unknown prompts of the waiting requests
+        self.mean_uncached += 0.05 * (uncached - self.mean_uncached)
+        lr.mean_uncached = uncached if lr.mean_uncached is None else lr.mean_uncached
+        lr.mean_uncached += 0.1 * (uncached - lr.mean_uncached)
+        lr.mean_output = (
+            out if lr.mean_output is None else lr.mean_output + 0.1 * (out - lr.mean_output)
+        )
+        if prompt_tokens > 0:
+            lr.uncached_frac += 0.1 * (uncached / prompt_tokens - lr.uncached_frac)
+            whole = prompt_tokens + out
+            lr.kv_frac += 0.1 * ((uncached + out) / whole - lr.kv_frac)
+
+    def peer_picked(self, rid: str, hashes: tuple[int, ...], note: tuple[float, ...]) -> None:
+        """Another gateway worker sent a request to `rid`: learn from it as from our own pick."""
+        if hashes:
+            self.index.add(rid, hashes, from_peer=True)
+        if len(note) != 3:
+            return
+        lr = self._rep.get(rid)
+        if lr is None:
+            lr = self._rep[rid] = _Learned()
+            lr.log_ttft, lr.log_tpot = self._glob[0], self._glob[1]
+        # as after our own pick: its entry is re-derived once its (shared) in-flight totals move
+        self._sent(lr, note[0], int(note[1]), note[2])
+
     def _record(
         self,
         req: RequestFeatures,
@@ -743,21 +770,11 @@ class Headroom(BasePolicy):
         tpot: float,
         learn_ttft: bool,
     ) -> None:
-        # the mean uncached prompt stands in for the unknown prompts of the waiting requests
-        self.mean_uncached += 0.05 * (uncached - self.mean_uncached)
         lr = self._rep[rid]
-        lr.mean_uncached = uncached if lr.mean_uncached is None else lr.mean_uncached
-        lr.mean_uncached += 0.1 * (uncached - lr.mean_uncached)
         out = float(req.expected_output_tokens)
-        lr.mean_output = (
-            out if lr.mean_output is None else lr.mean_output + 0.1 * (out - lr.mean_output)
-        )
-        if req.prompt_tokens > 0:
-            lr.uncached_frac += 0.1 * (uncached / req.prompt_tokens - lr.uncached_frac)
-            whole = req.prompt_tokens + req.expected_output_tokens
-            lr.kv_frac += 0.1 * ((uncached + req.expected_output_tokens) / whole - lr.kv_frac)
-        if req.prefix_hashes:
-            self.index.add(rid, req.prefix_hashes)
+        self._sent(lr, uncached, req.prompt_tokens, out)
+        # other gateway workers learn the same from this pick (gateway/peers.py)
+        self.index.add(rid, req.prefix_hashes, note=(uncached, req.prompt_tokens, out))
         pending = self._pending
         if len(pending) >= self.max_pending:
             del pending[next(iter(pending))]  # the oldest prediction never got an observation

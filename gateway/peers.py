@@ -1,23 +1,24 @@
 """What the gateway's worker processes (`gateway.workers` > 1) share so that they route as one.
 
 Each worker sends its own share of the traffic, keeps its own in-flight ledger, learns its own
-per-replica speed corrections (headroom) and its own prefix index (which replica holds which
-prompt blocks). Alone, each would see 1/N of what was sent between two replica states, learn
-from 1/N of the answers and find a shared prefix's home on its own, and routing degrades with N
-(bench/gateway_workers.py, 8 workers: TTFT p99 2.4-2.8x, the slow replicas 2.5x their share;
-prefix-cache hits 25 % where one worker got 56 %). So each worker publishes into a small
-memory-mapped file of its own, at most every `interval_s`: its per-replica `InFlight` totals,
-per pool the cumulative corrections its own observations made (every LEARNED_EVERY intervals),
-and the prefix-index additions of its last second's picks. Before a pick a worker reads its
-peers' files (again at most every `interval_s`), adds their in-flight totals to its own, applies
-the increments of their corrections to its policy and adds their prefix additions to its index.
-
-File layout (one per worker, `w<index>` in the directory the supervisor made): a header of
-`seq` (u64) and `length` (u32), then `length` bytes of JSON: `{"f": {replica_id: [requests,
-prompt_tokens, kv_blocks, unacked, prefill_tokens, demand_blocks]}, "l": {pool: [policy epoch,
-{replica_id or "": [d_ttft, d_tpot]}]}, "p": {pool: [policy epoch, [[seq, replica_id, [hash,
-...]], ...]]}}`. The writer makes `seq` odd while it writes and even when done (a seqlock), so a
-reader that sees an odd or changed `seq` keeps what it read last time instead of a torn copy.
+per-replica speed corrections and cached-share estimates (headroom) and its own prefix index
+(which replica holds which prompt blocks). Alone, each would see 1/N of what was sent between two
+replica states, learn from 1/N of the answers and picks and find a shared prefix's home on its
+own, and routing degrades with N (bench/gateway_workers.py, 8 workers: TTFT p99 2.4-2.8x, the
+slow replicas 2.5x their share; prefix-cache hits 25 % where one worker got 56 %). So each
+worker publishes, at most every `interval_s`:
+- into a small memory-mapped file of its own, JSON behind a seqlock: its per-replica `InFlight`
+  totals, and every LEARNED_EVERY intervals per pool the cumulative corrections its own
+  observations made, `{"f": {replica_id: [requests, prompt_tokens, kv_blocks, unacked,
+  prefill_tokens, demand_blocks]}, "l": {pool: [policy epoch, {replica_id or "": [d_ttft,
+  d_tpot]}]}}` after a header of `seq` (u64) and `length` (u32); the writer makes `seq` odd
+  while it writes and even when done, so a reader that sees an odd or changed `seq` keeps what
+  it read last time instead of a torn copy;
+- into a byte ring of its own (`w<index>.prefix`, gateway/ring.py), each of its picks: the
+  replica, the prompt's block hashes and what the policy learns from a pick (PREFIX below).
+Before a pick a worker reads its peers' files (again at most every `interval_s`), adds their
+in-flight totals to its own, applies the increments of their corrections to its policy and
+takes their picks in as its own.
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ LEARNED_EVERY = 10
 # seldom that peer looks. 8 MiB holds ~4,000 requests of 256 blocks; a peer further behind loses
 # the oldest (the index is approximate anyway).
 RING_BYTES = 8 << 20
-PREFIX = struct.Struct("<HH")  # pool name and replica id lengths; then both, then u64 hashes
+# a record: pool name, replica id and note lengths; then both names, the note (f64 each: what
+# the picking policy learns from a pick, gateway/headroom.py) and the block hashes (u64 each)
+PREFIX = struct.Struct("<HHH")
 
 
 Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
-# prefix-index additions: (pool, replica id, block hashes)
-Prefixes = list[tuple[str, str, tuple[int, ...]]]
+# picks to pass on: (pool, replica id, block hashes, the policy's note)
+Prefixes = list[tuple[str, str, tuple[int, ...], tuple[float, ...]]]
+Picks = list[tuple[str, tuple[int, ...], tuple[float, ...]]]
 
 
 def _row(f: InFlight) -> list[int]:
@@ -107,7 +111,7 @@ class PeerAccounts:
         epoch: Callable[[str], int | None] = lambda pool: None,
         learn: Callable[[str, Learned], None] = lambda pool, d: None,
         prefixes: Callable[[], Prefixes] = list,
-        add_prefixes: Callable[[str, list[tuple[str, tuple[int, ...]]]], None] = lambda p, e: None,
+        add_prefixes: Callable[[str, Picks], None] = lambda p, e: None,
         interval_s: float = 0.01,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -164,9 +168,10 @@ class PeerAccounts:
         self._published_at = time.monotonic()
         own = {rid: _row(f) for rid, f in self.source().items() if f != EMPTY}
         out: dict[str, Any] = {"f": own}
-        for pool, rid, hashes in self.prefixes():
+        for pool, rid, hashes, note in self.prefixes():
             p, r = pool.encode(), rid.encode()
-            self._ring.append(PREFIX.pack(len(p), len(r)) + p + r + array("Q", hashes).tobytes())
+            head = PREFIX.pack(len(p), len(r), len(note)) + p + r
+            self._ring.append(head + array("d", note).tobytes() + array("Q", hashes).tobytes())
         if self._learn_dirty:
             wait = self._learned_at + LEARNED_EVERY * self.interval_s - self._published_at
             if wait <= 0 or self.loop is None:
@@ -255,15 +260,17 @@ class PeerAccounts:
 
     def _apply_prefixes(self, records: list[bytes]) -> None:
         """Add to our prefix indexes what a peer routed since we last looked."""
-        by_pool: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+        by_pool: dict[str, Picks] = {}
         for rec in records:
-            lp, lr = PREFIX.unpack_from(rec, 0)
+            lp, lr, ln = PREFIX.unpack_from(rec, 0)
             at = PREFIX.size
             pool = rec[at : at + lp].decode()
             rid = rec[at + lp : at + lp + lr].decode()
-            hashes = array("Q")
-            hashes.frombytes(rec[at + lp + lr :])
-            by_pool.setdefault(pool, []).append((rid, tuple(hashes)))
+            at += lp + lr
+            note, hashes = array("d"), array("Q")
+            note.frombytes(rec[at : at + 8 * ln])
+            hashes.frombytes(rec[at + 8 * ln :])
+            by_pool.setdefault(pool, []).append((rid, tuple(hashes), tuple(note)))
         for pool, entries in by_pool.items():
             if self.epoch(pool) is not None:
                 self.add_prefixes(pool, entries)

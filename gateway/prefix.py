@@ -33,14 +33,15 @@ class PrefixIndex:
         self._capacity: dict[str, int] = {}
         # With several gateway workers: this worker's own additions not yet passed to the others
         # (gateway/peers.py drains it); None: not kept. Bounded: an undrained one drops the oldest.
-        self.journal: deque[tuple[str, tuple[int, ...]]] | None = None
+        self.journal: deque[tuple[str, tuple[int, ...], tuple[float, ...]]] | None = None
 
     def keep_journal(self, entries: int = 4096) -> None:
         if self.journal is None:
             self.journal = deque(maxlen=entries)
 
-    def drain(self) -> list[tuple[str, tuple[int, ...]]]:
-        """This worker's own additions since the last drain, oldest first."""
+    def drain(self) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]:
+        """This worker's own additions since the last drain, oldest first: (replica, hashes,
+        the picking policy's note)."""
         if not self.journal:
             return []
         out = list(self.journal)
@@ -98,13 +99,21 @@ class PrefixIndex:
                 stack.append((active - inside, lo, mid - 1))
         return res
 
-    def add(self, replica_id: str, hashes: Sequence[int], *, from_peer: bool = False) -> None:
+    def add(
+        self,
+        replica_id: str,
+        hashes: Sequence[int],
+        *,
+        from_peer: bool = False,
+        note: tuple[float, ...] = (),
+    ) -> None:
         """The request with these hashes was sent to `replica_id`: its blocks are now cached there.
-        `from_peer`: another gateway worker sent it (not journaled again)."""
+        `from_peer`: another gateway worker sent it (not journaled again); `note`: what the
+        picking policy wants its peers to learn from the pick (journaled even without hashes)."""
+        if self.journal is not None and not from_peer and (hashes or note):
+            self.journal.append((replica_id, tuple(hashes), note))
         if not hashes:
             return
-        if self.journal is not None and not from_peer:
-            self.journal.append((replica_id, tuple(hashes)))
         lru = self._lru.get(replica_id)
         if lru is None:
             lru = self._lru[replica_id] = OrderedDict()

@@ -208,20 +208,29 @@ class Gateway:
         if isinstance(index, PrefixIndex):
             index.keep_journal()
 
-    def drain_prefixes(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(pool, replica, block hashes) this worker added to its prefix indexes since last time."""
+    def drain_prefixes(self) -> list[tuple[str, str, tuple[int, ...], tuple[float, ...]]]:
+        """(pool, replica, block hashes, the policy's note) of this worker's picks since last time."""
         out = []
         for name, rt in self.pools.items():
             index = getattr(rt.policy, "index", None)
             if isinstance(index, PrefixIndex) and index.journal:
-                out += [(name, rid, hashes) for rid, hashes in index.drain()]
+                out += [(name, rid, hashes, note) for rid, hashes, note in index.drain()]
         return out
 
-    def add_peer_prefixes(self, pool: str, entries: list[tuple[str, list[int]]]) -> None:
+    def add_peer_prefixes(
+        self, pool: str, entries: list[tuple[str, tuple[int, ...], tuple[float, ...]]]
+    ) -> None:
+        """Another worker's picks: the policy learns from them as from its own (headroom), or
+        at least its prefix index takes them in."""
         rt = self.pools.get(pool)
-        index = getattr(rt.policy, "index", None) if rt is not None else None
-        if isinstance(index, PrefixIndex):
-            for replica_id, hashes in entries:
+        if rt is None:
+            return
+        learn = getattr(rt.policy, "peer_picked", None)
+        index = getattr(rt.policy, "index", None)
+        for replica_id, hashes, note in entries:
+            if learn is not None:
+                learn(replica_id, hashes, note)
+            elif isinstance(index, PrefixIndex) and hashes:
                 index.add(replica_id, hashes, from_peer=True)
 
     def wake(self, pool: str) -> None:

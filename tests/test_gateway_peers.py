@@ -188,7 +188,9 @@ def test_prefix_index_journals_its_own_additions_only() -> None:
     idx.add("r0", (1, 2, 3))
     idx.add("r1", (7, 8), from_peer=True)  # another worker's: not passed on again
     idx.add("r1", (4, 5, 6, 9))
-    assert idx.drain() == [("r0", (1, 2, 3)), ("r1", (4, 5, 6, 9))]
+    idx.add("r2", (), note=(1.0,))  # a pick without whole blocks still carries its note
+    idx.add("r2", ())  # nothing to say: not journaled
+    assert idx.drain() == [("r0", (1, 2, 3), ()), ("r1", (4, 5, 6, 9), ()), ("r2", (), (1.0,))]
     assert idx.drain() == []
     assert idx.match((7, 8)) == {"r1": 2}  # the peer's addition is in the index all the same
 
@@ -217,10 +219,12 @@ def test_ring_gives_each_reader_every_record_once_across_wrap_and_loses_when_ove
 
 
 def test_peers_prefix_additions_arrive_once_each(tmp_path: Path) -> None:
-    queued: list[tuple[str, str, tuple[int, ...]]] = [("p", "r0", (11, 12))]
+    queued: list[tuple[str, str, tuple[int, ...], tuple[float, ...]]] = [
+        ("p", "r0", (11, 12), (300.0, 1000, 16.0))
+    ]
     got: list[tuple[str, list]] = []
 
-    def drain() -> list[tuple[str, str, tuple[int, ...]]]:
+    def drain() -> list[tuple[str, str, tuple[int, ...], tuple[float, ...]]]:
         out = list(queued)
         queued.clear()
         return out
@@ -233,12 +237,12 @@ def test_peers_prefix_additions_arrive_once_each(tmp_path: Path) -> None:
     try:
         a.changed()
         b.poll(NOW)
-        assert got == [("p", [("r0", (11, 12))])]
-        queued += [("p", "r1", (13,)), ("q", "r9", (1,)), ("p", "r2", (2**64 - 1,))]
+        assert got == [("p", [("r0", (11, 12), (300.0, 1000.0, 16.0))])]
+        queued += [("p", "r1", (13,), ()), ("q", "r9", (1,), ()), ("p", "r2", (2**64 - 1,), ())]
         a.changed()
         a.changed()  # a publish with nothing new adds nothing
         b.poll(NOW + 1)  # pool q is not this worker's: left out
-        assert got[1:] == [("p", [("r1", (13,)), ("r2", (2**64 - 1,))])]
+        assert got[1:] == [("p", [("r1", (13,), ()), ("r2", (2**64 - 1,), ())])]
         b.poll(NOW + 2)
         assert len(got) == 2
     finally:
