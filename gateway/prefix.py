@@ -109,11 +109,13 @@ class PrefixIndex:
     ) -> None:
         """The request with these hashes was sent to `replica_id`: its blocks are now cached there.
         `from_peer`: another gateway worker sent it (not journaled again); `note`: what the
-        picking policy wants its peers to learn from the pick (journaled even without hashes)."""
-        if self.journal is not None and not from_peer and (hashes or note):
-            self.journal.append((replica_id, tuple(hashes), note))
+        picking policy wants its peers to learn from the pick. Only picks with whole blocks are
+        journaled: every peer reads every record (~3 µs each), and a prompt too short for one
+        block (a probe, a health check) teaches little."""
         if not hashes:
             return
+        if self.journal is not None and not from_peer:
+            self.journal.append((replica_id, tuple(hashes), note))
         lru = self._lru.get(replica_id)
         if lru is None:
             lru = self._lru[replica_id] = OrderedDict()

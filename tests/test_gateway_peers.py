@@ -188,9 +188,9 @@ def test_prefix_index_journals_its_own_additions_only() -> None:
     idx.add("r0", (1, 2, 3))
     idx.add("r1", (7, 8), from_peer=True)  # another worker's: not passed on again
     idx.add("r1", (4, 5, 6, 9))
-    idx.add("r2", (), note=(1.0,))  # a pick without whole blocks still carries its note
-    idx.add("r2", ())  # nothing to say: not journaled
-    assert idx.drain() == [("r0", (1, 2, 3), ()), ("r1", (4, 5, 6, 9), ()), ("r2", (), (1.0,))]
+    idx.add("r2", (), note=(1.0,))  # no whole block: not worth every peer's read
+    idx.add("r2", (5,), note=(1.0,))
+    assert idx.drain() == [("r0", (1, 2, 3), ()), ("r1", (4, 5, 6, 9), ()), ("r2", (5,), (1.0,))]
     assert idx.drain() == []
     assert idx.match((7, 8)) == {"r1": 2}  # the peer's addition is in the index all the same
 
