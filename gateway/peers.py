@@ -284,9 +284,13 @@ class PeerAccounts:
             try:
                 with open(p, "rb") as f:
                     mm = mmap.mmap(f.fileno(), FILE_BYTES, access=mmap.ACCESS_READ)
-                ring = RingReader(p.with_name(f"{p.name}.prefix"), RING_BYTES)
             except (OSError, ValueError):
                 continue  # not sized yet: the next listing finds it
+            try:
+                ring = RingReader(p.with_name(f"{p.name}.prefix"), RING_BYTES)
+            except (OSError, ValueError):
+                mm.close()  # its ring is not there yet: both at the next listing
+                continue
             self._peers[p.name] = (mm, -1, {})
             self._rings[p.name] = ring
 
