@@ -97,8 +97,8 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
                 learned=gateway.learned,
                 epoch=gateway.policy_epoch,
                 learn=gateway.learn_from_peers,
-                prefixes=gateway.drain_prefixes,
-                add_prefixes=gateway.add_peer_prefixes,
+                prefixes=gateway.drain_picks,
+                add_prefixes=gateway.peer_picked,
                 interval_s=gw_cfg.peer_sync_s,
                 loop=asyncio.get_running_loop(),
             )

@@ -22,8 +22,8 @@ import aiohttp
 
 from gateway import metrics
 from gateway.estimate import RequestFeatures
-from gateway.inflight import InFlight, InFlightLedger
-from gateway.peers import PeerAccounts, add
+from gateway.inflight import InFlight, InFlightLedger, add
+from gateway.peers import PeerAccounts
 from gateway.picker import RateSeed, ReplicaView
 from kvpilot.signals import NodeState, ReplicaState
 from kvpilot.tasks import cancel_and_wait

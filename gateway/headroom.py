@@ -303,10 +303,7 @@ class Headroom(BasePolicy):
                 self._glob[0] += d_ttft
                 self._glob[1] += d_tpot
                 continue
-            lr = self._rep.get(rid)
-            if lr is None:
-                lr = self._rep[rid] = _Learned()
-                lr.log_ttft, lr.log_tpot = self._glob[0], self._glob[1]
+            lr = self._learner(rid)
             lr.log_ttft = max(-b, min(b, lr.log_ttft + d_ttft))
             lr.log_tpot = max(-b, min(b, lr.log_tpot + d_tpot))
             self._relearned(rid, lr)
@@ -500,11 +497,7 @@ class Headroom(BasePolicy):
 
     def _refresh(self, v: ReplicaView, tpb: float) -> tuple[Any, ...]:
         rid = v.replica_id
-        lr = self._rep.get(rid)
-        if lr is None:
-            lr = self._rep[rid] = _Learned()
-            # a newcomer is assumed as far off its profile as the fleet is, until observed
-            lr.log_ttft, lr.log_tpot = self._glob[0], self._glob[1]
+        lr = self._learner(rid)
         old = self._entries.get(rid)
         if (
             old is not None
@@ -734,6 +727,14 @@ class Headroom(BasePolicy):
         self._record(req, rid, best_x, ttft, best[14], q <= best_x * self.learn_max_queue)
         return Decision(rid, reason, scores)
 
+    def _learner(self, rid: str) -> _Learned:
+        lr = self._rep.get(rid)
+        if lr is None:
+            lr = self._rep[rid] = _Learned()
+            # a newcomer is assumed as far off its profile as the fleet is, until observed
+            lr.log_ttft, lr.log_tpot = self._glob[0], self._glob[1]
+        return lr
+
     def _sent(self, lr: _Learned, uncached: float, prompt_tokens: int, out: float) -> None:
         """A request went to `lr`'s replica: what it brings that is not cached there."""
         # the mean uncached prompt stands in for the unknown prompts of the waiting requests
@@ -750,14 +751,10 @@ class Headroom(BasePolicy):
 
     def peer_picked(self, rid: str, hashes: tuple[int, ...], note: tuple[float, ...]) -> None:
         """Another gateway worker sent a request to `rid`: learn from it as from our own pick."""
-        if hashes:
-            self.index.add(rid, hashes, from_peer=True)
+        super().peer_picked(rid, hashes, note)  # the prefix index
         if len(note) != 3:
             return
-        lr = self._rep.get(rid)
-        if lr is None:
-            lr = self._rep[rid] = _Learned()
-            lr.log_ttft, lr.log_tpot = self._glob[0], self._glob[1]
+        lr = self._learner(rid)
         # as after our own pick: its entry is re-derived once its (shared) in-flight totals move
         self._sent(lr, note[0], int(note[1]), note[2])
 

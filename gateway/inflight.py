@@ -32,6 +32,18 @@ class InFlight:
 EMPTY = InFlight()
 
 
+def add(a: InFlight, b: InFlight) -> InFlight:
+    """Two accounts of one replica summed (this gateway worker's and the others')."""
+    return InFlight(
+        a.requests + b.requests,
+        a.prompt_tokens + b.prompt_tokens,
+        a.kv_blocks + b.kv_blocks,
+        a.unacked + b.unacked,
+        a.prefill_tokens + b.prefill_tokens,
+        a.demand_blocks + b.demand_blocks,
+    )
+
+
 @dataclass(slots=True)
 class _Entry:
     prompt_tokens: int

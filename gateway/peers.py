@@ -36,8 +36,8 @@ from typing import Any
 
 import orjson
 
-from gateway.inflight import EMPTY, InFlight
-from gateway.ring import RingReader, RingWriter
+from gateway.inflight import EMPTY, InFlight, add
+from gateway.ring import RingReader, RingWriter, sized_file
 from gateway.ring import create as create_ring
 
 log = logging.getLogger(__name__)
@@ -69,28 +69,12 @@ def _row(f: InFlight) -> list[int]:
     return [f.requests, f.prompt_tokens, f.kv_blocks, f.unacked, f.prefill_tokens, f.demand_blocks]
 
 
-def add(a: InFlight, b: InFlight) -> InFlight:
-    return InFlight(
-        a.requests + b.requests,
-        a.prompt_tokens + b.prompt_tokens,
-        a.kv_blocks + b.kv_blocks,
-        a.unacked + b.unacked,
-        a.prefill_tokens + b.prefill_tokens,
-        a.demand_blocks + b.demand_blocks,
-    )
-
-
 def create_file(directory: Path, worker: int) -> Path:
     """Worker `worker`'s file, full size (zeros until it first writes). The supervisor makes all
     of them before it starts the workers, so each worker finds every peer at its first look;
     never shrunk, since a peer may have it mapped."""
     path = directory / f"w{worker}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if os.fstat(fd).st_size < FILE_BYTES:
-            os.ftruncate(fd, FILE_BYTES)
-    finally:
-        os.close(fd)
+    sized_file(path, FILE_BYTES)
     create_ring(directory / f"w{worker}.prefix", RING_BYTES)
     return path
 
@@ -120,15 +104,15 @@ class PeerAccounts:
         self.source = source  # this worker's own totals per replica (the ledger's snapshots)
         self.learned, self.epoch, self.learn = learned, epoch, learn
         self.prefixes, self.add_prefixes = prefixes, add_prefixes
-        self._ring = RingWriter(self.dir / f"{self.name}.prefix", RING_BYTES)
         self._rings: dict[str, RingReader] = {}
         # (peer, pool) -> (peer's epoch, our epoch, its cumulative corrections when last applied)
         self._applied: dict[tuple[str, str], tuple[int, int, Learned]] = {}
         self.interval_s = interval_s
         self.loop = loop  # publishes are deferred on it; None: publish at once (tests)
-        path = create_file(self.dir, worker)
+        path = create_file(self.dir, worker)  # and its ring
         with open(path, "r+b") as f:
             self._own = mmap.mmap(f.fileno(), FILE_BYTES)
+        self._ring = RingWriter(path.with_name(f"{self.name}.prefix"), RING_BYTES)
         self._seq = 0
         self._write(b'{"f": {}, "l": {}}')
         self._peers: dict[str, tuple[mmap.mmap, int, dict[str, InFlight]]] = {}

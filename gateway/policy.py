@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from gateway.estimate import RequestFeatures
 from gateway.inflight import EMPTY, InFlight
+from gateway.prefix import PrefixIndex
 from kvpilot.signals import ReplicaState
 
 
@@ -125,6 +126,12 @@ class Policy(Protocol):
 
     def learn_from_peers(self, deltas: dict[str, tuple[float, float]]) -> None: ...
 
+    def keep_journal(self) -> None: ...
+
+    def drain_picks(self) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]: ...
+
+    def peer_picked(self, rid: str, hashes: tuple[int, ...], note: tuple[float, ...]) -> None: ...
+
 
 NO_REPLICAS = Decision(None, "no-replicas")
 
@@ -167,3 +174,22 @@ class BasePolicy:
     def learn_from_peers(self, deltas: dict[str, tuple[float, float]]) -> None:
         """Take what other gateway workers learned since last time."""
         return None
+
+    # Picks shared between gateway workers (gateway/peers.py), through the policy's prefix
+    # index, where it has one (`self.index`): its journal holds this worker's own picks.
+
+    def keep_journal(self) -> None:
+        index = getattr(self, "index", None)
+        if isinstance(index, PrefixIndex):
+            index.keep_journal()
+
+    def drain_picks(self) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]:
+        """(replica, block hashes, what a peer learns from it) of this worker's picks since."""
+        index = getattr(self, "index", None)
+        return index.drain() if isinstance(index, PrefixIndex) else []
+
+    def peer_picked(self, rid: str, hashes: tuple[int, ...], note: tuple[float, ...]) -> None:
+        """Another gateway worker sent a request with these block hashes to `rid`."""
+        index = getattr(self, "index", None)
+        if hashes and isinstance(index, PrefixIndex):
+            index.add(rid, hashes, from_peer=True)

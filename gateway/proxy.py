@@ -33,7 +33,6 @@ from gateway.errors import GatewayError
 from gateway.estimate import Estimator, RequestFeatures, prompt_text
 from gateway.fleet import Fleet
 from gateway.picker import Decision, Policy, RateSeed, make_policy, rate_seed_for
-from gateway.prefix import PrefixIndex
 from gateway.queue import PoolQueue
 from kvpilot.config import Config, GatewayConfig, PoolConfig
 
@@ -171,7 +170,7 @@ class Gateway:
                     queue_key=queue_key,
                 )
             if self.sharing:
-                self._keep_journal(rt)
+                rt.policy.keep_journal()
             self.pools[pool.name] = rt
         self.fleet.profiles = {p.name: pool_profile(p) for p in cfg.pools}
         self.model_pool = {}
@@ -198,40 +197,27 @@ class Gateway:
             rt.policy.learn_from_peers(deltas)
 
     def share_with_peers(self) -> None:
-        """Other workers read our prefix additions: keep a journal of them (new policies too)."""
+        """Other workers read our picks: the policies journal them (new policies too)."""
         self.sharing = True
         for rt in self.pools.values():
-            self._keep_journal(rt)
+            rt.policy.keep_journal()
 
-    def _keep_journal(self, rt: PoolRuntime) -> None:
-        index = getattr(rt.policy, "index", None)
-        if isinstance(index, PrefixIndex):
-            index.keep_journal()
-
-    def drain_prefixes(self) -> list[tuple[str, str, tuple[int, ...], tuple[float, ...]]]:
+    def drain_picks(self) -> list[tuple[str, str, tuple[int, ...], tuple[float, ...]]]:
         """(pool, replica, block hashes, the policy's note) of this worker's picks since last time."""
-        out = []
-        for name, rt in self.pools.items():
-            index = getattr(rt.policy, "index", None)
-            if isinstance(index, PrefixIndex) and index.journal:
-                out += [(name, rid, hashes, note) for rid, hashes, note in index.drain()]
-        return out
+        return [
+            (name, rid, hashes, note)
+            for name, rt in self.pools.items()
+            for rid, hashes, note in rt.policy.drain_picks()
+        ]
 
-    def add_peer_prefixes(
+    def peer_picked(
         self, pool: str, entries: list[tuple[str, tuple[int, ...], tuple[float, ...]]]
     ) -> None:
-        """Another worker's picks: the policy learns from them as from its own (headroom), or
-        at least its prefix index takes them in."""
+        """Another worker's picks: each pool's policy takes them in as its own."""
         rt = self.pools.get(pool)
-        if rt is None:
-            return
-        learn = getattr(rt.policy, "peer_picked", None)
-        index = getattr(rt.policy, "index", None)
-        for replica_id, hashes, note in entries:
-            if learn is not None:
-                learn(replica_id, hashes, note)
-            elif isinstance(index, PrefixIndex) and hashes:
-                index.add(replica_id, hashes, from_peer=True)
+        if rt is not None:
+            for replica_id, hashes, note in entries:
+                rt.policy.peer_picked(replica_id, hashes, note)
 
     def wake(self, pool: str) -> None:
         """Capacity may have changed in a pool: let its queue try again."""

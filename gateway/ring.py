@@ -20,14 +20,19 @@ HEADER = struct.Struct("<Q")
 LENGTH = struct.Struct("<I")
 
 
-def create(path: Path, size: int) -> None:
-    """The ring's file, full size (zeros: nothing written); never shrunk, since readers map it."""
+def sized_file(path: Path, nbytes: int) -> None:
+    """`path` at least `nbytes` long (zeros where new); never shrunk, since others may map it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_size < HEADER.size + size:
-            os.ftruncate(fd, HEADER.size + size)
+        if os.fstat(fd).st_size < nbytes:
+            os.ftruncate(fd, nbytes)
     finally:
         os.close(fd)
+
+
+def create(path: Path, size: int) -> None:
+    """The ring's file, full size (zeros: nothing written)."""
+    sized_file(path, HEADER.size + size)
 
 
 class RingWriter:

@@ -269,7 +269,7 @@ def test_a_worker_routes_to_where_another_sent_the_same_prefix(tmp_path: Path) -
         f.set_endpoints("p", [Endpoint(f"r{i}", f"http://10.0.0.{i}:8000") for i in range(4)])
         f.peers = PeerAccounts(
             tmp_path, w, f.ledger.snapshots, learned=g.learned, epoch=g.policy_epoch,
-            learn=g.learn_from_peers, prefixes=g.drain_prefixes, add_prefixes=g.add_peer_prefixes,
+            learn=g.learn_from_peers, prefixes=g.drain_picks, add_prefixes=g.peer_picked,
             interval_s=0.0,
         )  # fmt: skip
         g.share_with_peers()

@@ -365,12 +365,12 @@ def test_a_headroom_worker_takes_in_another_workers_picks_as_its_own() -> None:
     replica is already cached there) reaches the other gateway workers through the index's
     journal: replaying one's journal into another leaves both with the same estimates."""
     one, two = make_policy("headroom"), make_policy("headroom")
-    one.index.keep_journal()
+    one.keep_journal()
     a, b = view("a"), view("b")
     doc = EST.features("seed", "m", "A shared document. " * 80, 16).prefix_hashes
     for i in range(12):
         one.pick(req(f"q{i}", prompt=3000, hashes=doc), [a, b], 100.0 + i)
-    picks = one.index.drain()
+    picks = one.drain_picks()
     assert len(picks) == 12 and all(len(note) == 3 for _, _, note in picks)
     for rid, hashes, note in picks:
         two.peer_picked(rid, hashes, note)
@@ -379,7 +379,7 @@ def test_a_headroom_worker_takes_in_another_workers_picks_as_its_own() -> None:
         mine, theirs = one._rep[rid], two._rep[rid]
         assert theirs.uncached_frac == pytest.approx(mine.uncached_frac) != 1.0
         assert theirs.mean_uncached == pytest.approx(mine.mean_uncached)
-    assert two.index.drain() == []  # peers' picks are not passed on again
+    assert two.drain_picks() == []  # peers' picks are not passed on again
 
 
 def test_headroom_ignores_small_deviations_and_a_uniform_bias() -> None:
