@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/proxy.py [--duration 5] [--repeat 3] [--workers 2[,4...]] [--rate 1000]
                                     [--threads 1] [--backend-processes 1] [--unshared]
+                                    [--runs max,paced,stream] [--paced-duration S]
+                                    [--skip single,floor,vllm-router,nginx]
 
 Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
 that the machine's load drifts over all of them alike): the backend itself
@@ -17,7 +19,9 @@ each target and repetition:
     added latency is read at a fixed load, not at saturation;
   - stream (backend and gateways): each request streams `--chunks` SSE events; relayed chunks/s.
 Prints the medians over the repetitions with their range, and the gateway / vllm-router ratio of
-each repetition. Every run is bounded by `--duration` seconds (at most 15). On a many-core
+each repetition. Every run is bounded by `--duration` seconds (at most 15; the paced ones by
+`--paced-duration`, default the same: a p99 from 4 s at 1,000 req/s rests on its 40 slowest
+requests). `--runs` and `--skip` narrow a run to what is being re-measured. On a many-core
 machine give wrk `--threads` and the backend `--backend-processes` so that neither caps the
 proxies (the defaults, 1 and 1, suit a 2-core box).
 """
@@ -227,8 +231,22 @@ def main() -> int:
         help="also each multi-worker gateway with peer_sync_s: 0 (what sharing costs)",
     )
     ap.add_argument("--backend-processes", type=int, default=1)
+    ap.add_argument("--runs", default="max,paced,stream", help="which runs (comma list)")
+    ap.add_argument("--paced-duration", type=int, default=0, help="seconds (default --duration)")
+    ap.add_argument(
+        "--skip", default="", help="targets left out: single (one-process gateway), floor, "
+        "vllm-router, nginx (comma list)"
+    )  # fmt: skip
     args = ap.parse_args()
     duration = min(args.duration, 15)
+    paced_duration = min(args.paced_duration or args.duration, 15)
+    runs_wanted = set(args.runs.split(","))
+    skip = set(filter(None, args.skip.split(",")))
+    if bad := (runs_wanted - {"max", "paced", "stream"}) or (
+        skip - {"single", "floor", "vllm-router", "nginx"}
+    ):
+        print(f"unknown --runs or --skip entries: {sorted(bad)}", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
@@ -249,7 +267,7 @@ def main() -> int:
         backend_cmd = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
         backend_cmd += ["--chunks", str(args.chunks), "--processes", str(args.backend_processes)]
         commands: list[tuple[str, list[str], int, bool]] = []
-        gateways = [(1, None)]
+        gateways = [] if "single" in skip else [(1, None)]
         for w in (w for w in map(int, args.workers.split(",")) if w > 1):
             gateways += [(w, None)] + ([(w, 0.0)] if args.unshared else [])
         for w, sync in gateways:
@@ -263,9 +281,12 @@ def main() -> int:
         fport = free_port()
         floor = [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport)]
         floor += ["--upstream", f"http://127.0.0.1:{bport}"]
-        commands.append(("aiohttp floor (minimal proxy)", floor, fport, True))
+        if "floor" not in skip:
+            commands.append(("aiohttp floor (minimal proxy)", floor, fport, True))
         router = shutil.which("vllm-router") or str(Path(PY).parent / "vllm-router")
-        if Path(router).exists():
+        if "vllm-router" in skip:
+            pass
+        elif Path(router).exists():
             rport = free_port()
             cmd = [router, "--host", "127.0.0.1", "--port", str(rport)]
             cmd += ["--worker-urls", f"http://127.0.0.1:{bport}", "--policy", "round_robin"]
@@ -274,7 +295,9 @@ def main() -> int:
         else:
             notes.append("vllm-router not installed: not measured")
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        if Path(nginx).exists():
+        if "nginx" in skip:
+            pass
+        elif Path(nginx).exists():
             nport = free_port()
             conf = nginx_conf(tmp, nport, bport)
             commands.append(("nginx", [nginx, "-c", str(conf), "-p", str(tmp)], nport, False))
@@ -297,12 +320,17 @@ def main() -> int:
         for rep in range(args.repeat):
             for name, port, pid, streams in targets:
                 url = f"http://127.0.0.1:{port}/v1/completions"
-                runs = [("max", lua_max, args.connections), ("paced", lua_paced, paced_conns)]
+                runs = [
+                    ("max", lua_max, args.connections, duration),
+                    ("paced", lua_paced, paced_conns, paced_duration),
+                ]
                 if streams:
-                    runs.append(("stream", lua_stream, args.connections))
-                for kind, lua, conns in runs:
+                    runs.append(("stream", lua_stream, args.connections, duration))
+                for kind, lua, conns, secs in runs:
+                    if kind not in runs_wanted:
+                        continue
                     try:
-                        r = wrk(url, lua, conns, duration, pid, min(args.threads, conns))
+                        r = wrk(url, lua, conns, secs, pid, min(args.threads, conns))
                     except (subprocess.CalledProcessError, AttributeError) as e:
                         notes.append(f"{name} {kind} rep {rep + 1}: wrk failed ({e})")
                         continue
@@ -311,7 +339,8 @@ def main() -> int:
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}; load average {load_before} before, "
-        f"{loadavg()} after; wrk -t{args.threads}, {duration}s per run, {args.repeat} repetitions"
+        f"{loadavg()} after; wrk -t{args.threads}, {duration}s per run ({paced_duration}s paced), "
+        f"{args.repeat} repetitions"
     )
     print(
         f"max: -c{args.connections}; paced: -c{paced_conns} with delay {delay_ms:.1f} ms "

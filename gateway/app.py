@@ -99,6 +99,7 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
                 learn=gateway.learn_from_peers,
                 prefixes=gateway.drain_picks,
                 add_prefixes=gateway.peer_picked,
+                touched=fleet.peers_touched,
                 interval_s=gw_cfg.peer_sync_s,
                 loop=asyncio.get_running_loop(),
             )

@@ -174,10 +174,7 @@ class Fleet:
     ) -> list[ReplicaView]:
         """Pickable replicas of a pool (terminating, ejected, unhealthy and excluded ones left out)."""
         if self.peers is not None:
-            for rid in self.peers.poll(now):
-                peer = self.by_id.get(rid)
-                if peer is not None:
-                    self._touch(peer)
+            self.peers_touched(self.peers.refresh(now))
         profile = self.profiles.get(pool)
         c = self._views.get(pool)
         reps = self.pools.get(pool, {})
@@ -241,6 +238,13 @@ class Fleet:
     def _ledger_changed(self) -> None:
         if self.peers is not None:
             self.peers.changed()
+
+    def peers_touched(self, replica_ids: Iterable[str]) -> None:
+        """The peers' totals for these replicas changed: rebuild their views."""
+        for rid in replica_ids:
+            r = self.by_id.get(rid)
+            if r is not None:
+                self._touch(r)
 
     def _touch(self, r: Replica) -> None:
         c = self._views.get(r.pool)

@@ -18,7 +18,9 @@ worker publishes, at most every `interval_s`:
   replica, the prompt's block hashes and what the policy learns from a pick (PREFIX below).
 Before a pick a worker reads its peers' files (again at most every `interval_s`), adds their
 in-flight totals to its own, applies the increments of their corrections to its policy and
-takes their picks in as its own.
+takes their picks in as its own. A busy worker (its last read younger than SYNC_AFTER
+intervals) reads them right after the pick instead: the request is then already on its way
+upstream, and the read (~50 µs for 11 peers) stays off its latency.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ RING_BYTES = 8 << 20
 # a record: pool name, replica id and note lengths; then both names, the note (f64 each: what
 # the picking policy learns from a pick, gateway/headroom.py) and the block hashes (u64 each)
 PREFIX = struct.Struct("<HHH")
+# A pick waits for the peers' files only when this worker's copy is older than this many
+# intervals (an idle worker: its copy may predate whole requests); a busy one reads them just
+# after the pick, so the copy a pick sees is at most about one request gap older.
+SYNC_AFTER = 10
 
 
 Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
@@ -96,6 +102,7 @@ class PeerAccounts:
         learn: Callable[[str, Learned], None] = lambda pool, d: None,
         prefixes: Callable[[], Prefixes] = list,
         add_prefixes: Callable[[str, Picks], None] = lambda p, e: None,
+        touched: Callable[[set[str]], None] = lambda rids: None,
         interval_s: float = 0.01,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -104,6 +111,7 @@ class PeerAccounts:
         self.source = source  # this worker's own totals per replica (the ledger's snapshots)
         self.learned, self.epoch, self.learn = learned, epoch, learn
         self.prefixes, self.add_prefixes = prefixes, add_prefixes
+        self.touched = touched  # told which replicas' totals a deferred read changed
         self._rings: dict[str, RingReader] = {}
         # (peer, pool) -> (peer's epoch, our epoch, its cumulative corrections when last applied)
         self._applied: dict[tuple[str, str], tuple[int, int, Learned]] = {}
@@ -115,7 +123,8 @@ class PeerAccounts:
         self._ring = RingWriter(path.with_name(f"{self.name}.prefix"), RING_BYTES)
         self._seq = 0
         self._write(b'{"f": {}, "l": {}}')
-        self._peers: dict[str, tuple[mmap.mmap, int, dict[str, InFlight]]] = {}
+        # peer -> (its mapping, the seq and payload last read, its totals then)
+        self._peers: dict[str, tuple[mmap.mmap, int, bytes, dict[str, InFlight]]] = {}
         self._listed_at = -1e18
         self._read_at = -1e18
         self._published_at = -1e18
@@ -123,6 +132,7 @@ class PeerAccounts:
         self._learn_dirty = True  # the first publish says what there is (nothing yet)
         self._learn_pending: asyncio.TimerHandle | None = None
         self._pending: asyncio.TimerHandle | None = None
+        self._read_pending: asyncio.Handle | None = None
         self._too_big = False
         self.totals: dict[str, InFlight] = {}  # replica id -> the peers' summed totals
 
@@ -180,23 +190,47 @@ class PeerAccounts:
 
     # ---- reading the peers' ---------------------------------------------------------------------
 
+    def refresh(self, now: float) -> set[str]:
+        """Before a pick: `poll` now if this worker's copy is SYNC_AFTER intervals old (or there
+        is no loop), else schedule it for right after the pick (its changes go to `touched`)."""
+        age = now - self._read_at
+        if age < self.interval_s:
+            return set()
+        if self.loop is None or age >= SYNC_AFTER * self.interval_s:
+            return self.poll(now)
+        if self._read_pending is None:
+            self._read_pending = self.loop.call_soon(self._poll_pending)
+        return set()
+
+    def _poll_pending(self) -> None:
+        self._read_pending = None
+        rids = self._read(time.time())
+        if rids:
+            self.touched(rids)
+
     def poll(self, now: float) -> set[str]:
         """Re-read the peers' files if `interval_s` has passed; the replica ids whose summed
         peer totals changed (their views must be rebuilt)."""
         if now - self._read_at < self.interval_s:
             return set()
+        return self._read(now)
+
+    def _read(self, now: float) -> set[str]:
         self._read_at = now
         if now - self._listed_at >= RELIST_S:
             self._listed_at = now
             self._relist()
         changed = False
-        for name, (mm, seq, rows) in list(self._peers.items()):
+        for name, (mm, seq, last, rows) in list(self._peers.items()):
             s1, length = HEADER.unpack_from(mm, 0)
             if s1 == seq or s1 & 1:
                 continue  # nothing new, or being written: keep the last good copy
             raw = mm[HEADER.size : HEADER.size + length]
             if HEADER.unpack_from(mm, 0)[0] != s1:
                 continue  # overwritten while we copied
+            if raw == last:  # rewritten as it was (a request came and went between two reads)
+                self._peers[name] = (mm, s1, last, rows)
+                continue
             try:
                 data = orjson.loads(raw)
                 new = {rid: InFlight(*row) for rid, row in data["f"].items()}
@@ -204,7 +238,7 @@ class PeerAccounts:
                 continue
             if new != rows:
                 changed = True
-            self._peers[name] = (mm, s1, new)
+            self._peers[name] = (mm, s1, raw, new)
             if "l" in data:
                 self._apply(name, data["l"])
         for reader in self._rings.values():
@@ -212,7 +246,7 @@ class PeerAccounts:
         if not changed:
             return set()
         totals: dict[str, InFlight] = {}
-        for _, _, rows in self._peers.values():
+        for _, _, _, rows in self._peers.values():
             for rid, f in rows.items():
                 t = totals.get(rid)
                 totals[rid] = f if t is None else add(t, f)
@@ -275,14 +309,14 @@ class PeerAccounts:
             except (OSError, ValueError):
                 mm.close()  # its ring is not there yet: both at the next listing
                 continue
-            self._peers[p.name] = (mm, -1, {})
+            self._peers[p.name] = (mm, -1, b"", {})
             self._rings[p.name] = ring
 
     def close(self) -> None:
-        for handle in (self._pending, self._learn_pending):
+        for handle in (self._pending, self._learn_pending, self._read_pending):
             if handle is not None:
                 handle.cancel()
-        for mm, _, _ in self._peers.values():
+        for mm, _, _, _ in self._peers.values():
             mm.close()
         for reader in self._rings.values():
             reader.close()

@@ -4,7 +4,8 @@
 #   2. issue 5's routing comparison on 16 workers (bench/routing.py);
 #   3. issue 6's autoscaling sweep on 16 workers (bench/autoscale.py);
 #   4. issue 4's proxy comparison with gateway workers on 16 cores (bench/proxy.py).
-# DEVICE_STEPS picks among them (default: "gpu routing autoscale proxy").
+# DEVICE_STEPS picks among them (default: "gpu routing autoscale proxy"); PROXY_ARGS adds
+# bench/proxy.py options (e.g. "--unshared --runs max,paced --paced-duration 10 --skip nginx").
 # Results go to $OUT (default out/device): seven files — logs, the two markdown reports, and
 # results.tar.gz with everything (JSON, plots); the raw outputs are written under $WORK first.
 # Wheels the machine lacks (orjson, pytest-asyncio; vllm-router and its fastapi/uvicorn for step
@@ -26,7 +27,9 @@ if [ -d .devtools ]; then
   export PATH="$PWD/.devtools/bin:$PATH" LD_LIBRARY_PATH="$PWD/.devtools/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 KVPILOT_SIM_CACHE=/tmp/kvpilot-cal.json
-{ date -u; uname -m; nproc; python3 --version; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } \
+{ date -u; uname -m; nproc; python3 --version
+  python3 -c 'import aiohttp, uvloop; print("aiohttp", aiohttp.__version__, "uvloop", uvloop.__version__)'
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } \
   | tee "$WORK/machine.txt"
 
 if [[ $STEPS == *" gpu "* ]]; then
@@ -68,7 +71,7 @@ if [[ $STEPS == *" proxy "* ]]; then
     --duration "${PROXY_DURATION_S:-4}" \
     --repeat "${PROXY_REPEAT:-3}" --workers "$PROXY_WORKERS" --threads 4 --backend-processes 4 \
     --rate "${PROXY_RATE:-1000}" \
-    --connections 64 >"$WORK/proxy.log" 2>&1
+    --connections 64 ${PROXY_ARGS:-} >"$WORK/proxy.log" 2>&1
   echo "proxy rc=$?"; tail -12 "$WORK/proxy.log"
 fi
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fill the two git-ignored folders that scripts/device-check.sh needs on the lent GPU machine,
 # which has Python 3.12 with torch and aiohttp but cannot download anything:
-#   .whl/       wheels for its Python 3.12: orjson and pytest-asyncio (GPU tests), vllm-router
+#   .whl/       wheels for its Python 3.12: orjson and pytest-asyncio (GPU tests), uvloop (the
+#               gateway's loop, as in its image), vllm-router
 #               with its fastapi/uvicorn/pydantic stack (bench/proxy.py);
 #   .devtools/  Debian's wrk and nginx with wrk's libluajit (bench/proxy.py), and, with
 #               --python311, a relocatable Python 3.11 (the gateway image's minor version) with
@@ -22,7 +23,7 @@ for n in 2_17 2_24 2_27 2_28 2_31 2_34; do platforms+=(--platform "manylinux_${n
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl \
-  orjson==3.13.0 pytest-asyncio==1.5.0 \
+  orjson==3.13.0 pytest-asyncio==1.5.0 uvloop==0.23.0 \
   vllm-router==0.1.17 fastapi==0.165.0 uvicorn==0.54.0 setproctitle==1.3.8 \
   starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
   typing-inspection==0.4.5 typing_extensions==4.16.0 opentelemetry-api==1.45.2 \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,54 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
         await asyncio.sleep(0.7)  # a's follow-up publish carries it, with no further change
         b.poll(NOW + 2)
         assert got[-1] == {"r1": pytest.approx((0.2, 0.0))}
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_before(
+    tmp_path: Path,
+) -> None:
+    mine = {"r1": InFlight(3, 30, 3, 3, 30, 3)}
+    a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)  # publishes at once
+    got: list[set[str]] = []
+    b = PeerAccounts(
+        tmp_path, 1, dict, touched=got.append, interval_s=0.01, loop=asyncio.get_running_loop()
+    )
+    try:
+        t = time.time()
+        assert b.refresh(t) == set()  # first read: a has nothing in flight yet
+        a.changed()
+        assert b.refresh(t + 0.001) == set()  # within the interval: nothing to do
+        assert b.refresh(t + 0.02) == set() and b.totals == {}  # busy: read after the pick
+        assert b.refresh(t + 0.03) == set()  # one read pending is enough
+        await asyncio.sleep(0)
+        assert got == [{"r1"}] and b.totals == {"r1": mine["r1"]}
+        mine.clear()
+        a.changed()
+        # idle for ten intervals and more: the pick waits for the read
+        assert b.refresh(time.time() + 0.2) == {"r1"} and b.totals == {}
+        await asyncio.sleep(0)
+        assert got == [{"r1"}]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_peer_rewriting_the_same_totals_changes_nothing(tmp_path: Path) -> None:
+    mine = {"r1": InFlight(1, 10, 1, 1, 10, 1)}
+    a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
+    b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
+    try:
+        a.changed()
+        assert b.poll(NOW) == {"r1"}
+        before = HEADER.unpack_from(a._own, 0)[0]
+        a.changed()  # a request came and went between two reads: the same bytes again
+        assert HEADER.unpack_from(a._own, 0)[0] > before
+        assert b.poll(NOW + 1) == set() and b.totals == {"r1": mine["r1"]}
+        mine["r1"] = InFlight(2, 20, 2, 2, 20, 2)
+        a.changed()
+        assert b.poll(NOW + 2) == {"r1"} and b.totals == {"r1": mine["r1"]}
     finally:
         a.close()
         b.close()
