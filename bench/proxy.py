@@ -71,17 +71,23 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None, deadline_s: float
 def started(
     cmd: list[str], port: int, deadline_s: float = 20, **kw: object
 ) -> Iterator[subprocess.Popen[bytes]]:
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
-    try:
-        wait_port(port, p, deadline_s)
-        yield p
-    finally:
-        p.terminate()
+    with tempfile.TemporaryFile() as err:  # what it says if it fails to start
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **kw)  # type: ignore[call-overload]
         try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+            try:
+                wait_port(port, p, deadline_s)
+            except RuntimeError as e:
+                err.seek(0)
+                tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"{cmd[0]} ...: {e}: {' | '.join(tail)}") from None
+            yield p
+        finally:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
 
 
 LUA = """

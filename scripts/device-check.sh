@@ -55,19 +55,19 @@ fi
 if [[ $STEPS == *" proxy "* ]]; then
   # 16 cores: 4 wrk threads and 4 backend processes, so neither caps the proxies under test
   echo "== 4. proxy (gateway workers ${PROXY_WORKERS:=4,8})"
-  py=python3
+  py=python3 pypath=".:${PYTHONPATH:-}"
   if [ -f .devtools/py311.tar.xz ]; then
     # The Python the gateway image ships (3.11, python:3.11-slim; the machine's own is 3.12,
     # slower for the gateway), relocatable, with the gateway's packages in its site-packages.
     # It must not see the carried cp312 wheels, so vllm-router gets a launcher of its own.
-    tar xJf .devtools/py311.tar.xz -C /tmp && py=/tmp/py311/bin/python3.11
+    tar xJf .devtools/py311.tar.xz -C /tmp && py=/tmp/py311/bin/python3.11 pypath=.
     export LD_LIBRARY_PATH="/tmp/py311/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     mkdir -p /tmp/vr
     printf '#!/bin/sh\nPYTHONPATH=/tmp/site exec %s -m vllm_router.launch_router "$@"\n' \
       "$(command -v python3)" >/tmp/vr/vllm-router
     chmod +x /tmp/vr/vllm-router
   fi
-  PATH="/tmp/vr:$PATH" PYTHONPATH=. timeout "${PROXY_TIMEOUT_S:-300}" "$py" bench/proxy.py \
+  PATH="/tmp/vr:$PATH" PYTHONPATH="$pypath" timeout "${PROXY_TIMEOUT_S:-300}" "$py" bench/proxy.py \
     --duration "${PROXY_DURATION_S:-4}" \
     --repeat "${PROXY_REPEAT:-3}" --workers "$PROXY_WORKERS" --threads 4 --backend-processes 4 \
     --rate "${PROXY_RATE:-1000}" \
