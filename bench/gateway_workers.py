@@ -28,11 +28,9 @@ import contextlib
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -41,25 +39,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy import free_port, wait_port  # noqa: E402
+from proxy import free_port, started  # noqa: E402
 
 PY = sys.executable
 MODEL = "llama-3.1-8b"
-
-
-@contextlib.contextmanager
-def running(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    try:
-        wait_port(port, p, 40)
-        yield p
-    finally:
-        p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
 
 
 def make_trace(
@@ -194,7 +177,7 @@ def main() -> int:
         for gpu in gpus:
             port = free_port()
             cmd = [PY, "-m", "kvpilot.cli", "modelserver", "--model", MODEL, "--gpu", gpu]
-            stack.enter_context(running([*cmd, "--port", str(port)], port))
+            stack.enter_context(started([*cmd, "--port", str(port)], port, 40, cwd=ROOT))
             urls.append(f"http://127.0.0.1:{port}")
         names = {u: f"{g}#{i}" for i, (u, g) in enumerate(zip(urls, gpus, strict=True))}
         pools = f"pools:\n  - name: p\n    models: [{MODEL}]\n    endpoints: [{', '.join(urls)}]\n"
@@ -204,7 +187,7 @@ def main() -> int:
             acfg = Path(td) / "agent.yaml"
             acfg.write_text(pools + f"agent:\n  listen: 127.0.0.1:{aport}\n  gpus: emulated\n")
             cmd = [PY, "-m", "kvpilot.cli", "agent", "--config", str(acfg)]
-            stack.enter_context(running([*cmd, "--log-level", "WARNING"], aport))
+            stack.enter_context(started([*cmd, "--log-level", "WARNING"], aport, 40, cwd=ROOT))
             states = f"  agents: [http://127.0.0.1:{aport}]\n  scrape_fallback: false\n"
         if args.peer_sync is not None:
             states += f"  peer_sync_s: {args.peer_sync}\n"
@@ -216,7 +199,7 @@ def main() -> int:
                 f"  workers: {workers}\n" + states
             )
             cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
-            with running([*cmd, "--log-level", "WARNING"], gport):
+            with started([*cmd, "--log-level", "WARNING"], gport, 40, cwd=ROOT):
                 time.sleep(2.0)  # first scrapes
                 base = f"http://127.0.0.1:{gport}"
                 asyncio.run(reset_prefix_caches(urls))  # every run starts cold

@@ -47,6 +47,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MODEL = "fixed"
+# `--skip` names -> the targets they leave out
+SKIPPABLE = {
+    "single": "kvpilot gateway",
+    "floor": "aiohttp floor (minimal proxy)",
+    "vllm-router": "vllm-router",
+    "nginx": "nginx",
+}
 
 
 def free_port() -> int:
@@ -248,9 +255,7 @@ def main() -> int:
     paced_duration = min(args.paced_duration or args.duration, 15)
     runs_wanted = set(args.runs.split(","))
     skip = set(filter(None, args.skip.split(",")))
-    if bad := (runs_wanted - {"max", "paced", "stream"}) or (
-        skip - {"single", "floor", "vllm-router", "nginx"}
-    ):
+    if bad := (runs_wanted - {"max", "paced", "stream"}) or (skip - SKIPPABLE.keys()):
         print(f"unknown --runs or --skip entries: {sorted(bad)}", file=sys.stderr)
         return 2
     if shutil.which("wrk") is None:
@@ -273,7 +278,7 @@ def main() -> int:
         backend_cmd = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
         backend_cmd += ["--chunks", str(args.chunks), "--processes", str(args.backend_processes)]
         commands: list[tuple[str, list[str], int, bool]] = []
-        gateways = [] if "single" in skip else [(1, None)]
+        gateways = [(1, None)]
         for w in (w for w in map(int, args.workers.split(",")) if w > 1):
             gateways += [(w, None)] + ([(w, 0.0)] if args.unshared else [])
         for w, sync in gateways:
@@ -287,12 +292,9 @@ def main() -> int:
         fport = free_port()
         floor = [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport)]
         floor += ["--upstream", f"http://127.0.0.1:{bport}"]
-        if "floor" not in skip:
-            commands.append(("aiohttp floor (minimal proxy)", floor, fport, True))
+        commands.append((SKIPPABLE["floor"], floor, fport, True))
         router = shutil.which("vllm-router") or str(Path(PY).parent / "vllm-router")
-        if "vllm-router" in skip:
-            pass
-        elif Path(router).exists():
+        if Path(router).exists():
             rport = free_port()
             cmd = [router, "--host", "127.0.0.1", "--port", str(rport)]
             cmd += ["--worker-urls", f"http://127.0.0.1:{bport}", "--policy", "round_robin"]
@@ -301,14 +303,14 @@ def main() -> int:
         else:
             notes.append("vllm-router not installed: not measured")
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        if "nginx" in skip:
-            pass
-        elif Path(nginx).exists():
+        if Path(nginx).exists():
             nport = free_port()
             conf = nginx_conf(tmp, nport, bport)
             commands.append(("nginx", [nginx, "-c", str(conf), "-p", str(tmp)], nport, False))
         else:
             notes.append("nginx not installed: not measured")
+        left_out = {SKIPPABLE[k] for k in skip}
+        commands = [c for c in commands if c[0] not in left_out]
 
         backend = stack.enter_context(started(backend_cmd, bport))
         targets: list[tuple[str, int, int, bool]] = [("backend (direct)", bport, backend.pid, True)]

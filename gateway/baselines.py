@@ -109,7 +109,7 @@ class GieDefault(BasePolicy):
         self.prefix_weight = prefix_weight
         self.queue_threshold = queue_threshold
         self.kv_threshold = kv_threshold
-        self.index = PrefixIndex(lru_capacity_per_server)
+        self.index: PrefixIndex = PrefixIndex(lru_capacity_per_server)
 
     def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
         cands = usable(replicas)
@@ -183,7 +183,7 @@ class CacheAware(BasePolicy):
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
         self.cache_threshold = cache_threshold
-        self.index = PrefixIndex(max(1, max_tree_chars // block_chars))
+        self.index: PrefixIndex = PrefixIndex(max(1, max_tree_chars // block_chars))
 
     def pick(self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float) -> Decision:
         cands = usable(replicas)

@@ -216,7 +216,7 @@ class Headroom(BasePolicy):
         self.learn_bound = learn_bound
         self.mean_uncached = mean_prompt_tokens
         self.default_seed = default_seed
-        self.index = PrefixIndex(index_capacity)
+        self.index: PrefixIndex = PrefixIndex(index_capacity)
         self.max_pending = max_pending
         self._rep: dict[str, _Learned] = {}
         # replica id -> per-view values (see _entry), rebuilt when the view object changes

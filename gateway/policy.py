@@ -148,6 +148,9 @@ class BasePolicy:
     """What every policy shares: a seeded random source, `debug`, and no-op learning hooks."""
 
     name = ""
+    # Which replica holds which prompt blocks: set by the policies that route by prefix affinity
+    # (cache-aware, gie, headroom); what gateway workers share of their picks goes through it.
+    index: PrefixIndex | None = None
 
     def __init__(self, seed: int = 0, debug: bool = False) -> None:
         self.rng = random.Random(seed)
@@ -176,20 +179,17 @@ class BasePolicy:
         return None
 
     # Picks shared between gateway workers (gateway/peers.py), through the policy's prefix
-    # index, where it has one (`self.index`): its journal holds this worker's own picks.
+    # index, where it has one: its journal holds this worker's own picks.
 
     def keep_journal(self) -> None:
-        index = getattr(self, "index", None)
-        if isinstance(index, PrefixIndex):
-            index.keep_journal()
+        if self.index is not None:
+            self.index.keep_journal()
 
     def drain_picks(self) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]:
         """(replica, block hashes, what a peer learns from it) of this worker's picks since."""
-        index = getattr(self, "index", None)
-        return index.drain() if isinstance(index, PrefixIndex) else []
+        return self.index.drain() if self.index is not None else []
 
     def peer_picked(self, rid: str, hashes: tuple[int, ...], note: tuple[float, ...]) -> None:
         """Another gateway worker sent a request with these block hashes to `rid`."""
-        index = getattr(self, "index", None)
-        if hashes and isinstance(index, PrefixIndex):
-            index.add(rid, hashes, from_peer=True)
+        if hashes and self.index is not None:
+            self.index.add(rid, hashes, from_peer=True)

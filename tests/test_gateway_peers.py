@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def test_a_worker_reads_what_another_published(tmp_path: Path) -> None:
     mine: dict[str, InFlight] = {"r1": InFlight(2, 100, 10, 1, 100, 20)}
     a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
     b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
-    try:
+    with closing(a), closing(b):
         a.changed()  # no loop: published at once
         assert b.poll(NOW) == {"r1"}
         assert b.totals == {"r1": InFlight(2, 100, 10, 1, 100, 20)}
@@ -29,16 +30,13 @@ def test_a_worker_reads_what_another_published(tmp_path: Path) -> None:
         a.changed()
         assert b.poll(NOW + 0.001) == set()  # read at most once per interval
         assert b.poll(NOW + 0.02) == {"r1"} and b.totals == {}
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_torn_write_keeps_the_last_good_copy(tmp_path: Path) -> None:
     mine = {"r1": InFlight(1, 10, 1, 1, 10, 2)}
     a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
     b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
-    try:
+    with closing(a), closing(b):
         a.changed()
         b.poll(NOW)
         seq, length = HEADER.unpack_from(a._own, 0)
@@ -46,9 +44,6 @@ def test_a_torn_write_keeps_the_last_good_copy(tmp_path: Path) -> None:
         a._own[HEADER.size : HEADER.size + 2] = b"{x"
         assert b.poll(NOW + 1) == set()
         assert b.totals == {"r1": InFlight(1, 10, 1, 1, 10, 2)}
-    finally:
-        a.close()
-        b.close()
 
 
 def test_peers_learning_arrives_as_increments_and_starts_over_with_a_new_policy(
@@ -62,7 +57,7 @@ def test_peers_learning_arrives_as_increments_and_starts_over_with_a_new_policy(
         tmp_path, 1, dict, epoch=ours.get, learn=lambda pool, d: got.append((pool, d)),
         interval_s=0.01,
     )  # fmt: skip
-    try:
+    with closing(a), closing(b):
         a.changed(learned=True)
         b.poll(NOW)
         assert got == [("p", {"r1": (0.2, 0.0), "": (0.05, 0.0)})]
@@ -84,9 +79,6 @@ def test_peers_learning_arrives_as_increments_and_starts_over_with_a_new_policy(
         a.changed(learned=True)
         b.poll(NOW + 4)
         assert len(got) == n
-    finally:
-        a.close()
-        b.close()
 
 
 def _fleet(tmp_path: Path, worker: int) -> Fleet:
@@ -130,7 +122,7 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
         tmp_path, 1, dict, epoch=lambda pool: 1, learn=lambda pool, d: got.append(d),
         interval_s=0.0,
     )  # fmt: skip
-    try:
+    with closing(a), closing(b):
         a.changed(learned=True)
         await asyncio.sleep(0.02)
         b.poll(NOW)
@@ -146,9 +138,6 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
         await asyncio.sleep(0.7)  # a's follow-up publish carries it, with no further change
         b.poll(NOW + 2)
         assert got[-1] == {"r1": pytest.approx((0.2, 0.0))}
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_before(
@@ -160,7 +149,7 @@ async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_bef
     b = PeerAccounts(
         tmp_path, 1, dict, touched=got.append, interval_s=0.01, loop=asyncio.get_running_loop()
     )
-    try:
+    with closing(a), closing(b):
         t = time.time()
         assert b.refresh(t) == set()  # first read: a has nothing in flight yet
         a.changed()
@@ -175,16 +164,13 @@ async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_bef
         assert b.refresh(time.time() + 0.03) == {"r1"} and b.totals == {}
         await asyncio.sleep(0)
         assert got == [{"r1"}]
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_peer_rewriting_the_same_totals_changes_nothing(tmp_path: Path) -> None:
     mine = {"r1": InFlight(1, 10, 1, 1, 10, 1)}
     a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
     b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
-    try:
+    with closing(a), closing(b):
         a.changed()
         assert b.poll(NOW) == {"r1"}
         before = HEADER.unpack_from(a._own, 0)[0]
@@ -194,9 +180,6 @@ def test_a_peer_rewriting_the_same_totals_changes_nothing(tmp_path: Path) -> Non
         mine["r1"] = InFlight(2, 20, 2, 2, 20, 2)
         a.changed()
         assert b.poll(NOW + 2) == {"r1"} and b.totals == {"r1": mine["r1"]}
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_publishes_are_deferred_and_coalesced(tmp_path: Path) -> None:
@@ -208,7 +191,7 @@ async def test_publishes_are_deferred_and_coalesced(tmp_path: Path) -> None:
         return {"r1": InFlight(n)}
 
     a = PeerAccounts(tmp_path, 0, source, interval_s=0.05, loop=asyncio.get_running_loop())
-    try:
+    with closing(a):
         for _ in range(10):
             a.changed()
         await asyncio.sleep(0.12)
@@ -216,8 +199,6 @@ async def test_publishes_are_deferred_and_coalesced(tmp_path: Path) -> None:
         a.changed()
         await asyncio.sleep(0.12)
         assert n == 2
-    finally:
-        a.close()
 
 
 @pytest.mark.parametrize("bad", [-0.1, 2])
@@ -251,7 +232,7 @@ def test_ring_gives_each_reader_every_record_once_across_wrap_and_loses_when_ove
 
     w = RingWriter(tmp_path / "r", 64)
     fast, slow = RingReader(tmp_path / "r", 64), RingReader(tmp_path / "r", 64)
-    try:
+    with closing(w), closing(fast), closing(slow):
         seen: list[bytes] = []
         for i in range(20):  # 20 x 14 bytes through a 64-byte ring: wraps four times
             assert w.append(b"record-%04d" % i)
@@ -262,9 +243,6 @@ def test_ring_gives_each_reader_every_record_once_across_wrap_and_loses_when_ove
         w.append(b"after")
         assert slow.read() == [b"after"] and fast.read() == [b"after"]
         assert not w.append(b"x" * 20)  # over a quarter of the ring: refused
-    finally:
-        for x in (w, fast, slow):
-            x.close()
 
 
 def test_peers_prefix_additions_arrive_once_each(tmp_path: Path) -> None:
@@ -283,7 +261,7 @@ def test_peers_prefix_additions_arrive_once_each(tmp_path: Path) -> None:
         tmp_path, 1, dict, epoch={"p": 5}.get, add_prefixes=lambda pool, e: got.append((pool, e)),
         interval_s=0.01,
     )  # fmt: skip
-    try:
+    with closing(a), closing(b):
         a.changed()
         b.poll(NOW)
         assert got == [("p", [("r0", (11, 12), (300.0, 1000.0, 16.0))])]
@@ -294,9 +272,6 @@ def test_peers_prefix_additions_arrive_once_each(tmp_path: Path) -> None:
         assert got[1:] == [("p", [("r1", (13,), ()), ("r2", (2**64 - 1,), ())])]
         b.poll(NOW + 2)
         assert len(got) == 2
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_worker_routes_to_where_another_sent_the_same_prefix(tmp_path: Path) -> None:
