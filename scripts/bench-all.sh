@@ -27,6 +27,7 @@ run $PY bench/proxy.py --duration 5 --repeat 3
 run $PY bench/hop_latency.py
 run $PY bench/instructions.py
 run $PY bench/gateway_workers.py
+run $PY bench/peers.py
 run $PY bench/sim_speed.py --duration 600
 run $PY bench/sim_fidelity.py
 run $PY bench/routing.py "$OUT/routing" --quick
