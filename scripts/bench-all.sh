@@ -32,4 +32,5 @@ run $PY bench/sim_speed.py --duration 600
 run $PY bench/sim_fidelity.py
 run $PY bench/routing.py "$OUT/routing" --quick
 run $PY bench/autoscale.py --seeds 1 --duration 1200 --out "$OUT/autoscale"
+run $PY bench/autoscale_timeline.py --seed 1
 exit $failed
