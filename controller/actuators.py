@@ -6,10 +6,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kubernetes_asyncio import client
+
 from controller.gke import GkeNodePools
-from controller.kube import KubeScaler, Placeholders
+from controller.kube import read_gpu_inventory
+from controller.kube import KubeScaler, Placeholders, SizeChanged
 from controller.loop import PoolTarget
-from controller.nodepools import AcceleratorPlan, node_pool_sizes
+from controller.nodepools import AcceleratorInventory, AcceleratorPlan, node_pool_sizes
 from controller.replicas import Decision
 
 log = logging.getLogger(__name__)
@@ -25,17 +28,23 @@ class KubeActuator:
         return await self.scaler.get_replicas(t.scaling.kind, t.pool.namespace, t.workload)
 
     async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> None:
-        before = await self.scaler.set_replicas(
-            t.scaling.kind, t.pool.namespace, t.workload, replicas
-        )
-        reason = "ScaledUp" if replicas > before else "ScaledDown"
+        try:
+            await self.scaler.set_replicas(
+                t.scaling.kind, t.pool.namespace, t.workload, replicas, expect=d.current
+            )
+        except SizeChanged as e:  # someone else scaled since the read: decide again next tick
+            log.info("pool %s: not scaled: %s", t.name, e)
+            return
+        # The reason and sizes are the decision's: a write that timed out but was applied
+        # re-reads as already done, and must not be reported as "4 -> 4".
+        reason = "ScaledUp" if replicas > d.current else "ScaledDown"
         try:
             await self.scaler.event(
                 t.scaling.kind,
                 t.pool.namespace,
                 t.workload,
                 reason=reason,
-                message=f"kvpilot scaled {before} -> {replicas}: {d.reason}",
+                message=f"kvpilot scaled {d.current} -> {replicas}: {d.reason}",
             )
         except Exception as e:  # the scale happened; a lost Event must not undo or repeat it
             log.warning("event for %s not recorded: %s", t.name, e)
@@ -46,6 +55,10 @@ class PlaceholderNodes:
     """Keeps placeholder pods equal to the plan, so Cluster Autoscaler adds nodes early."""
 
     placeholders: Placeholders
+
+    async def inventory(self) -> dict[str, AcceleratorInventory]:
+        """GPU nodes and Pending GPU pods, read with the placeholders' API client."""
+        return await read_gpu_inventory(self.placeholders.api, self.placeholders.retry)
 
     async def apply(self, plans: dict[str, AcceleratorPlan], targets: Sequence[PoolTarget]) -> None:
         wanted = [
@@ -68,12 +81,20 @@ class GkeNodes:
     """
 
     gke: GkeNodePools
+    api: client.ApiClient | None = None  # Kubernetes, to read GPU nodes and Pending pods
     _last: dict[str, int] = field(default_factory=dict)
 
+    async def inventory(self) -> dict[str, AcceleratorInventory] | None:
+        if self.api is None:
+            return None  # plan without it
+        return await read_gpu_inventory(self.api)
+
     async def apply(self, plans: dict[str, AcceleratorPlan], targets: Sequence[PoolTarget]) -> None:
-        pairs = [(t.scaling.node_pool, t.pool.accelerator) for t in targets if t.scaling.node_pool]
-        per_node = {np: await self.gke.gpus_per_node(np) for np, _ in pairs}
-        for np, nodes in sorted(node_pool_sizes(plans, pairs, per_node).items()):
+        # Node pools come from the plans: the pools placed on them, on the accelerator the
+        # controller chose for each (a pool with several `accelerators` has no single one here).
+        node_pools = sorted({np for p in plans.values() for np, _ in p.node_pools})
+        per_node = {np: await self.gke.gpus_per_node(np) for np in node_pools}
+        for np, nodes in sorted(node_pool_sizes(plans, per_node).items()):
             if self._last.get(np) != nodes:
                 await self.gke.set_size(np, nodes)
                 self._last[np] = nodes

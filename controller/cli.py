@@ -129,7 +129,15 @@ async def _stack(
             elector = LeaderElector(
                 api, c.lease_namespace, c.lease_name, identity, lease_duration_s=c.lease_duration_s
             )
-            leader = elector.try_acquire
+            leader = elector.leader
+            stop_renewing = asyncio.Event()
+            renewing = asyncio.ensure_future(elector.run(stop_renewing))
+
+            async def stop_elector() -> None:
+                stop_renewing.set()
+                await renewing
+
+            closers.append(stop_elector)
 
         def accelerator_for(t: PoolTarget) -> str:
             if t.scaling.accelerators:
@@ -177,17 +185,39 @@ async def _metrics_server(cfg: Config) -> web.AppRunner:
     return runner
 
 
+# What a running controller takes on reload; everything else in `controller:` is read once at
+# start (clients, actuators, the lease, the listen address), so a change there needs a restart.
+LIVE_KEYS = frozenset({"interval_s", "dry_run", "pools"})
+
+
+def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with the controller settings that need a restart put back to `old`'s (so what runs
+    is what the config says it runs), and the keys that differed."""
+    kept = {
+        f.name: getattr(old.controller, f.name)
+        for f in dataclasses.fields(old.controller)
+        if f.name not in LIVE_KEYS
+        and getattr(old.controller, f.name) != getattr(new.controller, f.name)
+    }
+    keys = [f"controller.{k}" for k in kept]
+    agents = (
+        old.controller.agents or old.gateway.agents,
+        new.controller.agents or new.gateway.agents,
+    )
+    if "agents" not in kept and agents[0] != agents[1]:
+        keys.append("gateway.agents (the controller's agents)")
+    merged = dataclasses.replace(new, controller=dataclasses.replace(new.controller, **kept))
+    return merged, keys
+
+
 async def _reload(path: str, cfg: Config, controller: Controller, dry_run: bool) -> None:
     def rejected(e: ConfigError) -> None:
         log.error("keeping the old controller config: %s", e)
 
     async for new in watch_config(path, cfg, on_error=rejected):
-        if new.controller.mode != controller.cfg.controller.mode:
-            log.error(
-                "controller.mode changed: restart to apply; keeping %s",
-                controller.cfg.controller.mode,
-            )
-            continue
+        new, restart = keep_restart_only(controller.cfg, new)
+        for key in restart:
+            log.error("%s changed: restart the controller to apply it; keeping the old value", key)
         if dry_run:
             new = dataclasses.replace(
                 new, controller=dataclasses.replace(new.controller, dry_run=True)

@@ -9,6 +9,7 @@ so a concurrent change is never overwritten blindly and an error never leaves a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -22,7 +23,12 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
-from controller.nodepools import PLACEHOLDER_LABELS, placeholder_pod
+from controller.nodepools import (
+    PLACEHOLDER_LABELS,
+    AcceleratorInventory,
+    gpu_inventory,
+    placeholder_pod,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +50,11 @@ IS_LEADER = Gauge("kvpilot_controller_leader", "1 while this controller holds th
 
 class KubeError(RuntimeError):
     """An API call that failed for good (after retries, or with a non-retryable status)."""
+
+
+class SizeChanged(KubeError):
+    """The workload's size is no longer the one the decision was made from: not written, so the
+    next tick decides again from what is there now."""
 
 
 @dataclass
@@ -99,14 +110,24 @@ class KubeScaler:
         scale = await self.get_scale(kind, namespace, name)
         return int(scale.get("spec", {}).get("replicas", 0) or 0)
 
-    async def set_replicas(self, kind: str, namespace: str, name: str, replicas: int) -> int:
-        """Set spec.replicas; returns the size it had before. 409 -> re-read and retry."""
+    async def set_replicas(
+        self, kind: str, namespace: str, name: str, replicas: int, *, expect: int | None = None
+    ) -> int:
+        """Set spec.replicas; returns the size it had before. 409 -> re-read and retry.
+
+        `expect`: the size the decision was made from; if a re-read finds another (someone
+        scaled in between), nothing is written (SizeChanged) rather than a stale target.
+        """
         group, version, plural = WORKLOADS[kind]
         for _ in range(self.conflict_retries):
             scale = await self.get_scale(kind, namespace, name)
             before = int(scale.get("spec", {}).get("replicas", 0) or 0)
             if before == replicas:
                 return before
+            if expect is not None and before != expect:
+                raise SizeChanged(
+                    f"scale {kind} {namespace}/{name}: {before} replicas now, decided from {expect}"
+                )
             body = {
                 "apiVersion": "autoscaling/v1",
                 "kind": "Scale",
@@ -281,9 +302,13 @@ def _parse_time(v: Any) -> float | None:
 class LeaderElector:
     """Leader election on a coordination.k8s.io/v1 Lease, as client-go's leaderelection does.
 
-    `try_acquire()` once per tick: it renews our lease, takes an expired one, or reports that
-    another holder is alive. Writes carry the resourceVersion, so of two candidates racing for an
-    expired lease exactly one wins (the other gets 409).
+    `try_acquire()` renews our lease, takes an expired one, or reports that another holder is
+    alive. Writes carry the resourceVersion, so of two candidates racing for an expired lease
+    exactly one wins (the other gets 409). `run()` calls it every `lease_duration_s / 5` (client-
+    go's 2 s retry period for a 15 s lease), apart from the control loop, whose tick can take
+    longer than a lease; `holds()` is true only while the last renewal is younger than the renew
+    deadline (2/3 of the lease, client-go's 10 s of 15), so a leader that cannot renew stops
+    acting well before another may take over.
     """
 
     api: client.ApiClient
@@ -294,11 +319,39 @@ class LeaderElector:
     clock: Callable[[], float] = time.time
     retry: Retry = field(default_factory=Retry)
     is_leader: bool = False
+    renewed_at: float | None = None  # clock() when our lease was last written
 
     async def try_acquire(self) -> bool:
+        started = self.clock()
         self.is_leader = await self._try()
-        IS_LEADER.set(1 if self.is_leader else 0)
+        if self.is_leader:
+            self.renewed_at = started  # the lease says renewTime <= this: count from here
+        IS_LEADER.set(1 if self.holds() else 0)
         return self.is_leader
+
+    def holds(self) -> bool:
+        """Whether to act now: leader, and renewed within the renew deadline."""
+        return (
+            self.is_leader
+            and self.renewed_at is not None
+            and self.clock() < self.renewed_at + self.lease_duration_s * 2 / 3
+        )
+
+    async def leader(self) -> bool:
+        """The control loop's check (no API call: `run` keeps the lease)."""
+        held = self.holds()
+        IS_LEADER.set(1 if held else 0)
+        return held
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep trying / renewing until `stop`; API failures leave `holds()` to expire."""
+        while not stop.is_set():
+            try:
+                await self.try_acquire()
+            except Exception as e:
+                log.warning("lease %s/%s: %s", self.namespace, self.name, e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.lease_duration_s / 5)
 
     def _spec(self, now: float, acquire: float, transitions: int) -> dict[str, Any]:
         return {
@@ -397,3 +450,28 @@ async def load_api_client() -> client.ApiClient:
     except kconfig.ConfigException:
         await kconfig.load_kube_config()
     return client.ApiClient()
+
+
+async def read_gpu_inventory(
+    api: client.ApiClient, retry: Retry | None = None
+) -> dict[str, AcceleratorInventory]:
+    """Read-only: every Node, and the Pending pods of all namespaces, turned into GPUs per
+    accelerator (allocatable on Ready nodes, requested by Pending pods) by nodepools.gpu_inventory.
+    """
+    retry = retry or Retry()
+    core = client.CoreV1Api(api)
+    nodes = await call(
+        "list_nodes", lambda: core.list_node(_request_timeout=retry.timeout_s), retry
+    )
+    pods = await call(
+        "list_pending_pods",
+        lambda: core.list_pod_for_all_namespaces(
+            field_selector="status.phase=Pending", _request_timeout=retry.timeout_s
+        ),
+        retry,
+    )
+    # gpu_inventory checks the phase itself: the field selector only saves the transfer.
+    return gpu_inventory(
+        (api.sanitize_for_serialization(n) for n in nodes.items),
+        (api.sanitize_for_serialization(p) for p in pods.items),
+    )

@@ -105,19 +105,25 @@ class Controller:
 
     def apply_config(self, cfg: Config) -> None:
         """Take a new (already validated) config; a pool whose scaling settings did not change
-        keeps its autoscaler and with it its stabilization window and forecast."""
+        keeps its autoscaler (stabilization window and forecast), one whose settings changed
+        keeps its scaling history (`ReplicaAutoscaler.with_settings`)."""
         self.cfg = cfg
         self.targets = targets(cfg)
         kept = {}
         for t in self.targets:
             old = self.autoscalers.get(t.name)
-            kept[t.name] = (
-                old if old is not None and old.cfg == t.scaling else ReplicaAutoscaler(t.scaling)
-            )
+            if old is None:
+                kept[t.name] = ReplicaAutoscaler(t.scaling)
+            else:
+                kept[t.name] = old if old.cfg == t.scaling else old.with_settings(t.scaling)
         self.autoscalers = kept
 
     async def tick(self) -> dict[str, Decision]:
-        if self.leader is not None and not await self.leader():
+        if not await self._leading():
+            if self.last:  # an ex-leader must not go on exporting what it no longer decides
+                for pool in self.last:
+                    self._unexport(pool)
+                self.last = {}
             return {}
         now = self.clock()
         by_pool: dict[str, list[ReplicaState]] = {}
@@ -148,9 +154,13 @@ class Controller:
             if d.changed:
                 await self._apply(t, d)
         self.last = decisions
-        if self.nodes is not None:
+        if self.nodes is not None and await self._leading():
             await self._nodes(decisions)
         return decisions
+
+    async def _leading(self) -> bool:
+        # Asked again before every write: a tick (API retries, GKE backoff) can outlast a lease.
+        return self.leader is None or await self.leader()
 
     async def _apply(self, t: PoolTarget, d: Decision) -> None:
         direction = "up" if d.desired > d.current else "down"
@@ -159,6 +169,11 @@ class Controller:
         if dry:
             log.info(
                 "dry-run: pool %s would scale %d -> %d (%s)", t.name, d.current, d.desired, d.reason
+            )
+            return
+        if not await self._leading():
+            log.warning(
+                "pool %s: lost the lease before scaling to %d; not written", t.name, d.desired
             )
             return
         log.info("pool %s: scale %d -> %d (%s)", t.name, d.current, d.desired, d.reason)
@@ -203,6 +218,12 @@ class Controller:
         except Exception as e:
             ERRORS.labels("*", "nodes").inc()
             log.error("node actuator failed, will retry next tick: %s", e)
+
+    @staticmethod
+    def _unexport(pool: str) -> None:
+        for g in (DESIRED, CURRENT, SATURATION, FORECAST, PANIC):
+            with contextlib.suppress(KeyError):
+                g.remove(pool)
 
     @staticmethod
     def _export(pool: str, d: Decision) -> None:

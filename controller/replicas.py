@@ -84,7 +84,8 @@ def hpa_replicas(
         return math.ceil(ratio * n_ready)
     total = sum(ready_ratios)
     count = n_ready
-    if missing:
+    if missing and ratio != 1.0:
+        # At exactly 1.0 Kubernetes leaves missing pods out (neither direction to guard).
         total += missing * (1.0 if ratio < 1.0 else 0.0)
         count += missing
     if scale_up_with_unready:
@@ -170,6 +171,9 @@ class ReplicaAutoscaler:
     cfg: PoolScalingConfig
     _recs: deque[tuple[float, int]] = field(default_factory=deque)
     _ups: deque[tuple[float, int]] = field(default_factory=deque)  # (time, replicas added)
+    # A scale-up decided but not yet seen applied: (time, from, to). It counts against the rate
+    # limit only once `current` shows it happened (not in dry-run, not after a failed write).
+    _asked_up: tuple[float, int, int] | None = None
     _panic_until: float = -math.inf
     _busy_at: float | None = None  # last time the pool had any work
     _tokens: Ewma | None = None  # pool tokens/s (prompt + generation), smoothed
@@ -186,6 +190,15 @@ class ReplicaAutoscaler:
         self._demand = Holt(cfg.trend_alpha, cfg.trend_beta, cfg.trend_damping_s)
         if cfg.capacity_tokens_per_s > 0:
             self._capacity = cfg.capacity_tokens_per_s
+
+    def with_settings(self, cfg: PoolScalingConfig) -> ReplicaAutoscaler:
+        """A new autoscaler for new settings that keeps this one's scaling history (its
+        stabilization window, rate-limit period, panic and idle clocks), so a config edit does
+        not act as a fresh start; the forecast learns again under the new settings."""
+        new = ReplicaAutoscaler(cfg)
+        new._recs, new._ups, new._asked_up = deque(self._recs), deque(self._ups), self._asked_up
+        new._panic_until, new._busy_at = self._panic_until, self._busy_at
+        return new
 
     def observe(self, states: Sequence[ReplicaState], now: float) -> None:
         """Fold one set of replica states into the smoothed demand (no decision)."""
@@ -276,6 +289,12 @@ class ReplicaAutoscaler:
         to_zero: bool = False,
     ) -> Decision:
         cfg = self.cfg
+        self._confirm_up(current)
+        if not self._recs and cfg.scale_down_stabilization_s > 0:
+            # The HPA's initial recommendation: the size found at start counts in the window,
+            # so a fresh autoscaler (start, failover, new settings) waits it out before
+            # scaling down instead of acting on its first sample.
+            self._recs.append((now, current))
         # Zero only through the idle rule: a low saturation alone keeps one replica.
         floor = 0 if to_zero else max(1, cfg.min_replicas)
         raw = min(cfg.max_replicas, max(floor, raw))
@@ -289,7 +308,8 @@ class ReplicaAutoscaler:
             if desired < raw:
                 reason += f"; rate-limited to {desired}"
         elif raw < current:
-            window_max = max(r for _, r in self._recs)
+            # To zero only after idle_before_zero_s of no work: that wait is its stabilization.
+            window_max = 0 if to_zero else max(r for _, r in self._recs)
             desired = min(current, window_max)
             if panic:
                 desired, reason = current, reason + "; panic mode holds"
@@ -299,9 +319,21 @@ class ReplicaAutoscaler:
                 desired, reason = current, reason + "; within scale-down tolerance"
             elif desired > raw:
                 reason += f"; stabilizing at {desired}"
+        if desired > cfg.max_replicas:
+            # Above max (max lowered, or a manual scale): no hold keeps it there.
+            desired = cfg.max_replicas
+            reason += f"; capped at max_replicas {cfg.max_replicas}"
         if desired > current:
-            self._ups.append((now, desired - current))
+            self._asked_up = (now, current, desired)
         return Decision(desired, current, reason)
+
+    def _confirm_up(self, current: int) -> None:
+        if self._asked_up is None:
+            return
+        t, before, to = self._asked_up
+        self._asked_up = None
+        if current > before:
+            self._ups.append((t, min(current, to) - before))
 
     def _up_limit(self, now: float, current: int) -> int:
         cfg = self.cfg

@@ -18,6 +18,7 @@ import aiohttp.web
 import kmock
 import pytest
 from kmock import KubernetesEmulator, KubernetesError
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from controller.kube import (
     KubeError,
@@ -25,6 +26,7 @@ from controller.kube import (
     LeaderElector,
     Placeholders,
     Retry,
+    SizeChanged,
     api_client,
 )
 
@@ -195,6 +197,26 @@ async def test_conflict_rereads_and_retries(cluster: Any) -> None:
     assert len(puts) == 2  # the 409, then the retry after a re-read
 
 
+async def test_a_size_changed_since_the_decision_is_not_overwritten(cluster: Any) -> None:
+    k8s, api = cluster
+    # Someone scaled to 5 between our read (2) and our write, and our first PUT hits a 409:
+    # the re-read shows 5, which the decision (2 -> 4) was not made from, so nothing is written.
+    state = {"n": 0}
+
+    def first_put(r: kmock.Request) -> bool:
+        if r.subresource == "scale" and r.method == kmock.method.PUT and state["n"] == 0:
+            state["n"] = 1
+            k8s.objects[DEPLOY, "ml", "llama"].patch(
+                {"metadata": {"resourceVersion": "999"}, "spec": {"replicas": 5}}
+            )
+        return False
+
+    k8s.fail(first_put, 0)
+    with pytest.raises(SizeChanged, match="5 replicas now, decided from 2"):
+        await KubeScaler(api, FAST).set_replicas("Deployment", "ml", "llama", 4, expect=2)
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 5
+
+
 async def test_500_and_timeouts_are_retried_without_a_wrong_scale(cluster: Any) -> None:
     k8s, api = cluster
     is_put = lambda r: r.subresource == "scale" and r.method == kmock.method.PUT  # noqa: E731
@@ -275,6 +297,48 @@ async def test_leader_election_one_acts_the_other_takes_over_after_expiry(cluste
     lease = k8s.objects["coordination.k8s.io/v1/leases", "kvpilot", "ctl"].raw
     assert lease["spec"]["holderIdentity"] == "b"
     assert lease["spec"]["leaseTransitions"] == 1
+
+
+async def test_a_leader_that_cannot_renew_stops_acting_before_its_lease_expires(
+    cluster: Any,
+) -> None:
+    k8s, api = cluster
+    now = [1000.0]
+    clock = lambda: now[0]  # noqa: E731
+    a = LeaderElector(api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST)
+    b = LeaderElector(api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST)
+    assert await a.try_acquire() and await a.leader()
+    # The API fails for a's renewals: after the renew deadline (10 s of 15) a stops acting,
+    # 5 s before b may take the lease over, so the two never act at once.
+    k8s.fail(lambda r: r.resource is not None and r.resource.plural == "leases", 500, times=4)
+    now[0] += 9
+    with pytest.raises(ApiException):
+        await a.try_acquire()
+    assert await a.leader()
+    now[0] += 2  # 11 s since the last renewal
+    assert not await a.leader()
+    now[0] += 5  # 16 s: expired
+    assert await b.try_acquire() and await b.leader()
+
+
+async def test_the_elector_renews_in_the_background(cluster: Any) -> None:
+    k8s, api = cluster
+    a = LeaderElector(api, "kvpilot", "ctl", "a", lease_duration_s=2, retry=FAST)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(a.run(stop))
+    try:
+        for _ in range(100):
+            if await a.leader():
+                break
+            await asyncio.sleep(0.02)
+        first = k8s.objects["coordination.k8s.io/v1/leases", "kvpilot", "ctl"].raw["spec"]
+        await asyncio.sleep(1.0)  # renewals every 0.4 s
+        assert await a.leader()
+        again = k8s.objects["coordination.k8s.io/v1/leases", "kvpilot", "ctl"].raw["spec"]
+        assert again["renewTime"] > first["renewTime"]
+    finally:
+        stop.set()
+        await task
 
 
 async def test_two_candidates_racing_for_an_expired_lease_one_wins(cluster: Any) -> None:
@@ -415,6 +479,47 @@ async def test_only_the_leader_acts(cluster: Any) -> None:
     assert (await a.tick())["llama"].desired == 4
     assert await b.tick() == {}
     assert k8s.scale_writes == [("llama", 4)]
+
+
+async def test_an_ex_leader_stops_exporting_its_decisions(cluster: Any) -> None:
+    _, api = cluster
+    now = [5000.0]
+    leading = [True]
+
+    async def leader() -> bool:
+        return leading[0]
+
+    ctl = Controller(
+        loop_config(),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now[0]),
+        clock=lambda: now[0],
+        leader=leader,
+    )
+    await ctl.tick()
+    assert gauge("kvpilot_controller_desired_replicas", pool="llama") == 4
+    leading[0] = False
+    assert await ctl.tick() == {}
+    assert gauge("kvpilot_controller_desired_replicas", pool="llama") is None
+
+
+async def test_the_lease_is_checked_again_before_writing(cluster: Any) -> None:
+    k8s, api = cluster
+    now = [5000.0]
+    answers = iter([True, False])  # leader at the start of the tick, not at the write
+
+    async def leader() -> bool:
+        return next(answers, False)
+
+    ctl = Controller(
+        loop_config(),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now[0]),
+        clock=lambda: now[0],
+        leader=leader,
+    )
+    assert (await ctl.tick())["llama"].desired == 4
+    assert k8s.scale_writes == []
 
 
 async def test_loop_placeholders_for_headroom(cluster: Any) -> None:

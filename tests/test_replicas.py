@@ -344,3 +344,61 @@ def test_capacity_is_learned_only_from_replicas_near_the_held_utilization() -> N
     # At saturation 0.6 it learns 1000 tok/s per unit: 2400 tok/s -> 3 replicas (or one more
     # while the step from 1600 tok/s still shows in the trend).
     assert last_forecast(strict, 0.6, 2000.0) in (3, 4)
+
+
+# --- what a fresh autoscaler, a lowered max and a write that never happened must not do ----------
+
+
+def test_a_fresh_autoscaler_waits_out_the_window_before_scaling_down() -> None:
+    # As the HPA records its initial recommendation: a start, failover or new settings must not
+    # shrink the pool on the first sample.
+    a = ReplicaAutoscaler(CFG)  # 300 s window
+    d = a.decide(PoolObservation(8, at_ratio(8, 0.1)), 1000.0)
+    assert d.desired == 8 and "stabilizing" in d.reason
+    d = a.decide(PoolObservation(8, at_ratio(8, 0.1, observed_at=1301.0)), 1301.0)
+    assert d.desired == 1
+
+
+def test_max_replicas_applies_even_within_tolerance_or_panic() -> None:
+    calm = ReplicaAutoscaler(dataclasses.replace(CFG, max_replicas=9, scale_down_tolerance=0.2))
+    d = calm.decide(PoolObservation(10, at_ratio(10, 1.0)), 1000.0)
+    assert d.desired == 9 and "max_replicas" in d.reason
+    hot = ReplicaAutoscaler(dataclasses.replace(CFG, max_replicas=4, panic_hold_s=60))
+    d = hot.decide(PoolObservation(6, at_ratio(6, 2.5)), 1000.0)
+    assert d.panic and d.desired == 4
+
+
+def test_missing_pods_at_exactly_the_target_never_scale_down() -> None:
+    # replica_calculator.go leaves missing pods out at ratio 1.0 (no direction to guard).
+    assert hpa_replicas(4, [1.0], missing=3) == 4
+
+
+def test_a_scale_up_that_never_happened_does_not_eat_the_rate_limit() -> None:
+    a = ReplicaAutoscaler(CFG)
+    assert a.decide(PoolObservation(4, at_ratio(4, 2.0)), 1000.0).desired == 8
+    # Dry-run or a failed write: still 4 replicas 5 s later. The limit counts from 4, not from
+    # 4 - 4 = 0, so the same decision stands instead of flapping between 8 and 4.
+    d = a.decide(PoolObservation(4, at_ratio(4, 2.0, observed_at=1005.0)), 1005.0)
+    assert d.desired == 8
+    # Applied: 8 replicas now; within the period the limit counts from the 4 at its start.
+    d = a.decide(PoolObservation(8, at_ratio(8, 4.0, observed_at=1010.0)), 1010.0)
+    assert d.desired == 8 and "rate-limited" in d.reason
+
+
+def test_scale_to_zero_does_not_wait_a_second_window() -> None:
+    cfg = dataclasses.replace(CFG, min_replicas=0, scale_to_zero=True, idle_before_zero_s=120)
+    a = ReplicaAutoscaler(cfg)  # 300 s window: the idle time is the wait, not idle + window
+    assert a.decide(PoolObservation(1, [rs(0, running=2)]), 1000.0).desired == 1
+    d = a.decide(PoolObservation(1, [rs(0, observed_at=1121.0)]), 1121.0)
+    assert d.desired == 0 and "idle" in d.reason
+
+
+def test_new_settings_keep_the_scaling_history() -> None:
+    a = ReplicaAutoscaler(CFG)
+    assert a.decide(PoolObservation(8, at_ratio(8, 1.0)), 1000.0).desired == 8
+    # A config edit at 1100 s (say max_replicas): the window still holds the 8 seen at 1000 s.
+    b = a.with_settings(dataclasses.replace(CFG, max_replicas=40))
+    d = b.decide(PoolObservation(8, at_ratio(8, 0.1, observed_at=1100.0)), 1100.0)
+    assert d.desired == 8 and "stabilizing" in d.reason
+    d = b.decide(PoolObservation(8, at_ratio(8, 0.1, observed_at=1301.0)), 1301.0)
+    assert d.desired == 1
