@@ -5,6 +5,10 @@ elsewhere); its EndpointSlices carry the label `kubernetes.io/service-name=<serv
 then watch them, keep every slice of the Service, and hand the fleet the union of their endpoints:
 ready ones for new requests, terminating ones kept (so their in-flight requests are still
 accounted) but never picked. Not-ready endpoints that are not terminating are left out.
+
+A watch that keeps failing (a server that answers it with a plain list, a dropped connection,
+RBAC that allows list but not watch) backs off up to `MAX_BACKOFF_S` between re-lists; the
+backoff starts over only once a watch has delivered an event or stayed open `HEALTHY_WATCH_S`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from kvpilot.tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 SERVICE_LABEL = "kubernetes.io/service-name"
+MIN_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 30.0
+HEALTHY_WATCH_S = 30.0  # a watch open this long without an event is a quiet one, not a broken one
 
 
 def static_endpoints(pool: PoolConfig) -> list[Endpoint]:
@@ -55,6 +62,16 @@ def slice_endpoints(obj: Mapping[str, Any], default_port: int) -> list[Endpoint]
     return out
 
 
+def retry_backoff(backoff: float, *, events: int, watched_s: float) -> tuple[float, float]:
+    """(base wait before listing again, backoff after that) once a list-and-watch round ended.
+
+    A successful list proves nothing: a watch that fails right after it would re-list at the
+    floor rate forever. Only a watch that delivered an event or stayed open a while resets."""
+    if events > 0 or watched_s >= HEALTHY_WATCH_S:
+        backoff = MIN_BACKOFF_S
+    return backoff, min(backoff * 2, MAX_BACKOFF_S)
+
+
 class EndpointSliceWatch:
     """Lists and watches one pool's EndpointSlices and keeps the fleet's pool in step."""
 
@@ -64,6 +81,8 @@ class EndpointSliceWatch:
         self.service = service
         self.fleet = fleet
         self.slices: dict[str, list[Endpoint]] = {}
+        self.lists = 0  # lists done (the first one and every re-list after the watch ended)
+        self.backoff = MIN_BACKOFF_S
 
     def _matches(self, obj: Mapping[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}
@@ -93,20 +112,22 @@ class EndpointSliceWatch:
 
         api = client.DiscoveryV1Api(self.api_client)
         selector = f"{SERVICE_LABEL}={self.service}"
-        backoff = 0.2
+        loop = asyncio.get_running_loop()
         while True:
+            events, watch_started = 0, None
             try:
                 listing = await api.list_namespaced_endpoint_slice(
                     self.pool.namespace, label_selector=selector, _preload_content=False
                 )
                 data = await listing.json()
+                self.lists += 1
                 self.slices = {}
                 for obj in data.get("items") or []:
                     if self._matches(obj):
                         self.slices[obj["metadata"]["name"]] = slice_endpoints(obj, self.pool.port)
                 self.publish()
-                backoff = 0.2
                 w = watch.Watch()
+                watch_started = loop.time()
                 async with w.stream(
                     api.list_namespaced_endpoint_slice,
                     self.pool.namespace,
@@ -116,29 +137,38 @@ class EndpointSliceWatch:
                     timeout_seconds=300,
                 ) as stream:
                     async for event in stream:
-                        self._on_event(event)
+                        events += self._on_event(event)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the API server went away, a 410 Gone, a bad object
                 log.warning("EndpointSlice watch for pool %s: %s; retrying", self.pool.name, e)
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 10.0)
+            watched_s = 0.0 if watch_started is None else loop.time() - watch_started
+            wait, self.backoff = retry_backoff(self.backoff, events=events, watched_s=watched_s)
+            await asyncio.sleep(wait * (0.5 + random.random()))
 
-    def _on_event(self, event: Any) -> None:
-        if isinstance(event, dict):
-            etype = event.get("type", "")
-            obj = event.get("raw_object") or event.get("object")
-        else:
-            return
+    def _on_event(self, event: Any) -> bool:
+        """Applies one watch event; True when it was one (the watch works), False for noise."""
+        if not isinstance(event, dict):
+            return False  # a line that is not JSON: kubernetes-asyncio hands it over as is
+        etype = event.get("type", "")
+        obj = event.get("raw_object") or event.get("object")
         if etype == "ERROR":
             raise RuntimeError(f"watch error: {obj}")
-        if etype == "BOOKMARK" or not isinstance(obj, dict):
-            return
+        if etype == "BOOKMARK":
+            return True
+        if not isinstance(obj, dict):
+            return False
         self.apply(etype, obj)
+        return True
 
 
 class Discovery:
-    """Runs one EndpointSlice watch per pool (Kubernetes) or loads the static endpoints."""
+    """Runs one EndpointSlice watch per pool (Kubernetes) or loads the static endpoints.
+
+    The API client is either given (the caller closes it) or made in `start()`; a client made
+    here is closed in `stop()` and forgotten (`api_client` back to None), so a config reload
+    that hands `api_client` to the next Discovery hands it None, never a closed client, and the
+    next one makes its own."""
 
     def __init__(
         self,
@@ -178,6 +208,8 @@ class Discovery:
         self._tasks.clear()
         if self._own_client and self.api_client is not None:
             await self.api_client.close()
+            self.api_client = None
+            self._own_client = False
 
 
 async def _default_api_client() -> Any:

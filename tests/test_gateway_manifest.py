@@ -75,6 +75,16 @@ def test_the_controller_reads_every_gateway_pod(docs: list[dict]) -> None:
     assert url == f"http://kvpilot-gateway-pods.{ns}.svc.cluster.local:{port}"
 
 
+def test_the_controller_reads_unready_gateways_but_clients_only_ready_ones(
+    docs: list[dict],
+) -> None:
+    """With every pool at zero no gateway is ready (/readyz), yet the requests they hold are
+    what scales a pool up from zero: the controller's headless Service lists unready pods."""
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert services["kvpilot-gateway-pods"]["spec"]["publishNotReadyAddresses"] is True
+    assert not services["kvpilot-gateway"]["spec"].get("publishNotReadyAddresses", False)
+
+
 def test_a_read_only_root_still_leaves_workers_a_writable_tmp(docs: list[dict]) -> None:
     """gateway.workers > 1: the supervisor keeps the workers' shared files under /tmp."""
     spec = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
