@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from kubernetes_asyncio import client
 
 from controller.gke import GkeNodePools
-from controller.kube import read_gpu_inventory
-from controller.kube import KubeScaler, Placeholders, SizeChanged
+from controller.kube import KubeScaler, Placeholders, SizeChanged, read_gpu_inventory
 from controller.loop import PoolTarget
 from controller.nodepools import AcceleratorInventory, AcceleratorPlan, node_pool_sizes
 from controller.replicas import Decision

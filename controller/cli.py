@@ -121,7 +121,8 @@ async def _stack(
                     c.gke_cluster,
                     api_url=c.gke_api_url,
                     metadata_url=c.gke_metadata_url,
-                )  # fmt: skip
+                ),  # fmt: skip
+                api=api,  # reads GPU nodes and Pending pods
             )
         leader = None
         if c.leader_election:

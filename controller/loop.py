@@ -19,7 +19,12 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge
 
 from controller.demand import PoolDemand
-from controller.nodepools import AcceleratorInventory, PoolGpuDemand, plan_accelerators
+from controller.nodepools import (
+    AcceleratorInventory,
+    PoolGpuDemand,
+    accelerator_label,
+    plan_accelerators,
+)
 from controller.replicas import Decision, PoolObservation, ReplicaAutoscaler
 from kvpilot.config import Config, PoolConfig, PoolScalingConfig
 from kvpilot.signals import ReplicaState
@@ -74,6 +79,9 @@ class Actuator(Protocol):
 class NodeActuator(Protocol):
     async def apply(self, plans: dict, targets: Sequence[PoolTarget]) -> None: ...
 
+    # Optional: `async def inventory() -> dict[str, AcceleratorInventory] | None`, the cluster's
+    # GPU nodes and Pending GPU pods (see _nodes_inventory).
+
 
 def targets(cfg: Config) -> list[PoolTarget]:
     return [PoolTarget(p, cfg.controller.pools.get(p.name, PoolScalingConfig())) for p in cfg.pools]
@@ -101,6 +109,11 @@ class Controller:
         self.accelerator_for = accelerator_for or (lambda t: t.pool.accelerator)
         self.autoscalers: dict[str, ReplicaAutoscaler] = {}
         self.last: dict[str, Decision] = {}
+        # Each pool's last GPU demand: a pool whose size could not be read this tick keeps its
+        # share, so a failed read never deletes its placeholders or shrinks a node pool under its
+        # running replicas.
+        self._node_demands: dict[str, PoolGpuDemand] = {}
+        self._accelerator_errors: dict[str, str] = {}  # pool -> last error logged
         self.apply_config(cfg)
 
     def apply_config(self, cfg: Config) -> None:
@@ -186,31 +199,42 @@ class Controller:
             )
 
     async def _nodes(self, decisions: dict[str, Decision]) -> None:
+        held = self._node_demands
+        for gone in set(held) - {t.name for t in self.targets}:
+            del held[gone]
         demands = []
         for t in self.targets:
             d = decisions.get(t.name)
-            acc = self.accelerator_for(t)
-            if d is None or not acc:
+            if d is None:
+                if t.name in held:
+                    demands.append(held[t.name])
                 continue
-            demands.append(
-                PoolGpuDemand(
-                    pool=t.name,
-                    accelerator=acc,
-                    gpus_per_replica=t.pool.gpus_per_replica,
-                    current_replicas=d.desired if not self.cfg.controller.dry_run else d.current,
-                    desired_replicas=d.desired,
-                    forecast_replicas=d.forecast,
-                    headroom_gpus=t.scaling.headroom_gpus,
-                    node_pool=t.scaling.node_pool,
-                )
+            acc = self._nodes_accelerator(t)
+            if not acc:
+                held.pop(t.name, None)
+                continue
+            held[t.name] = PoolGpuDemand(
+                pool=t.name,
+                accelerator=accelerator_label(acc),
+                gpus_per_replica=t.pool.gpus_per_replica,
+                current_replicas=d.desired if not self.cfg.controller.dry_run else d.current,
+                desired_replicas=d.desired,
+                forecast_replicas=d.forecast,
+                headroom_gpus=t.scaling.headroom_gpus,
+                node_pool=t.scaling.node_pool,
             )
-        gpn = {dm.accelerator: dm.gpus_per_replica for dm in demands}
-        plans = plan_accelerators(
-            demands, {a: AcceleratorInventory(a, gpus_per_node=n) for a, n in gpn.items()}
-        )
+            demands.append(held[t.name])
+        plans = plan_accelerators(demands, await self._nodes_inventory())
         for acc, p in plans.items():
             GPUS_NEEDED.labels(acc).set(p.gpus_needed)
             PLACEHOLDER_GPUS.labels(acc).set(p.placeholder_gpus)
+            log.debug(
+                "%s: %d GPUs needed, %d short of allocatable, %d of them not asked for yet",
+                acc,
+                p.gpus_needed,
+                p.shortfall_gpus,
+                p.unrequested_gpus,
+            )
         if self.cfg.controller.dry_run or self.nodes is None:
             return
         try:
@@ -218,6 +242,40 @@ class Controller:
         except Exception as e:
             ERRORS.labels("*", "nodes").inc()
             log.error("node actuator failed, will retry next tick: %s", e)
+
+    def _nodes_accelerator(self, t: PoolTarget) -> str:
+        """The accelerator `_nodes` plans the pool on. When choosing among its `accelerators`
+        fails (e.g. a model the planner does not know), its `accelerator` (or none: the pool is
+        left out), logged once per pool and error, counted every tick; the other pools go on."""
+        failed = self._accelerator_errors
+        try:
+            acc = self.accelerator_for(t)
+        except Exception as e:
+            ERRORS.labels(t.name, "accelerator").inc()
+            if failed.get(t.name) != str(e):
+                failed[t.name] = str(e)
+                log.error(
+                    "pool %s: cannot choose among its accelerators (%s); planning GPU nodes on %s",
+                    t.name,
+                    e,
+                    repr(t.pool.accelerator) if t.pool.accelerator else "none (pool left out)",
+                )
+            return t.pool.accelerator
+        failed.pop(t.name, None)
+        return acc
+
+    async def _nodes_inventory(self) -> dict[str, AcceleratorInventory] | None:
+        """GPU nodes and Pending GPU pods from the node actuator, when it can read them (not in
+        local mode). A failed read is counted and the tick plans without them."""
+        read = getattr(self.nodes, "inventory", None)
+        if read is None or self.cfg.controller.mode == "local":
+            return None
+        try:
+            return await read()
+        except Exception as e:
+            ERRORS.labels("*", "inventory").inc()
+            log.error("cannot read GPU nodes and Pending pods, planning without them: %s", e)
+            return None
 
     @staticmethod
     def _unexport(pool: str) -> None:

@@ -4,7 +4,23 @@ GPUs needed per accelerator = Σ over its pools (replicas wanted × GPUs per rep
 where "replicas wanted" is the larger of the decision and the forecast at the provisioning lead
 time. What real replicas do not already request is held by placeholder pods (low-priority pause
 pods that make Cluster Autoscaler / node auto-provisioning add nodes early, and that real replicas
-preempt), or, for node pools without autoscaling, turned into a node count for the GKE API.
+preempt), or, for node pools without autoscaling, turned into a node count for the GKE API: each
+node pool from the demands of the pools placed on it, never from its accelerator's total.
+
+Against the cluster (`AcceleratorInventory`, from Ready nodes and Pending pods, `gpu_inventory`):
+
+- `shortfall_gpus` = needed − allocatable on Ready nodes: GPUs that nodes must still be added for.
+- `unrequested_gpus` = shortfall − GPUs that Pending (unscheduled) pods already ask for: the part
+  of the shortfall nothing is asking nodes for yet.
+- Pending GPUs never lower the placeholders or a node count. Both are absolute targets that are
+  reconciled every tick, never increments, so what is on the way is not asked for twice: the
+  Pending replicas of our pools are already in `gpus_requested` (spec.replicas), Pending
+  placeholders are the ask itself (subtracting them would delete them the next tick and recreate
+  them the one after), and other workloads' Pending pods compete for the new nodes rather than
+  bring them. Free allocatable GPUs do not lower the placeholders either: placeholders land on
+  them first (no new node), and keep the autoscaler from removing them.
+- GPUs per node: the most any Ready node of the accelerator has allocatable; with none Ready (or
+  no inventory), one replica's GPUs per node.
 """
 
 from __future__ import annotations
@@ -14,8 +30,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from modelserver.profiles import resolve_gpu
+
 GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 GKE_NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
+GPU_RESOURCE = "nvidia.com/gpu"
 PLACEHOLDER_LABELS = {
     "app.kubernetes.io/managed-by": "kvpilot-controller",
     "kvpilot.io/role": "placeholder",
@@ -41,10 +60,10 @@ class AcceleratorInventory:
     """What the cluster has of one accelerator type (from Nodes and Pods)."""
 
     accelerator: str
-    allocatable_gpus: int = 0  # on Ready nodes
-    pending_gpus: int = 0  # requested by Pending pods (nodes on the way, or not)
-    nodes: int = 0
-    gpus_per_node: int = 1
+    allocatable_gpus: int = 0  # on Ready, schedulable nodes
+    pending_gpus: int = 0  # requested by Pending pods not yet on a node (nodes on the way, or not)
+    nodes: int = 0  # Ready, schedulable nodes
+    gpus_per_node: int = 0  # 0: unknown (no Ready node): one replica's GPUs per node
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,8 @@ class AcceleratorPlan:
     placeholders: tuple[tuple[str, int, str], ...]  # (pool, GPUs per pod, node pool) per pod
     shortfall_gpus: int  # needed beyond allocatable: nodes must be added
     target_nodes: int | None  # for fixed-size node pools (GKE setSize)
+    unrequested_gpus: int = 0  # shortfall that no Pending pod asks nodes for yet
+    node_pools: tuple[tuple[str, int], ...] = ()  # (node pool, GPUs held there) of pools naming one
 
 
 def plan_accelerators(
@@ -71,26 +92,35 @@ def plan_accelerators(
     for acc, ds in sorted(by_acc.items()):
         needed = requested = 0
         pods: list[tuple[str, int, str]] = []
+        # Per node pool, (needed, requested) of the pools placed on it.
+        per_np: dict[str, tuple[int, int]] = {}
         for d in ds:
             wanted = max(d.desired_replicas, d.forecast_replicas or 0)
-            needed += wanted * d.gpus_per_replica + d.headroom_gpus
-            requested += d.current_replicas * d.gpus_per_replica
+            need = wanted * d.gpus_per_replica + d.headroom_gpus
+            req = d.current_replicas * d.gpus_per_replica
+            needed += need
+            requested += req
+            if d.node_pool:
+                n0, r0 = per_np.get(d.node_pool, (0, 0))
+                per_np[d.node_pool] = (n0 + need, r0 + req)
             # Placeholders are sized like a replica, so one preemption frees exactly one slot.
             extra = max(0, wanted - d.current_replicas)
             pods += [(d.pool, d.gpus_per_replica, d.node_pool)] * extra
             pods += [(d.pool, 1, d.node_pool)] * d.headroom_gpus
         inv = inventory.get(acc, AcceleratorInventory(acc))
-        target_nodes = None
-        if inv.gpus_per_node > 0:
-            target_nodes = math.ceil(_held(needed, requested) / inv.gpus_per_node)
+        # Unknown node shape: one replica per node (the largest replica of the accelerator).
+        per_node = inv.gpus_per_node or max(d.gpus_per_replica for d in ds)
+        shortfall = max(0, needed - inv.allocatable_gpus)
         plans[acc] = AcceleratorPlan(
             accelerator=acc,
             gpus_needed=needed,
             gpus_requested=requested,
             placeholder_gpus=sum(g for _, g, _ in pods),
             placeholders=tuple(pods),
-            shortfall_gpus=max(0, needed - inv.allocatable_gpus),
-            target_nodes=target_nodes,
+            shortfall_gpus=shortfall,
+            target_nodes=math.ceil(_held(needed, requested) / per_node) if per_node > 0 else None,
+            unrequested_gpus=max(0, shortfall - inv.pending_gpus),
+            node_pools=tuple((np, _held(n, r)) for np, (n, r) in sorted(per_np.items())),
         )
     return plans
 
@@ -101,22 +131,95 @@ def _held(needed: int, requested: int) -> int:
 
 
 def node_pool_sizes(
-    plans: Mapping[str, AcceleratorPlan],
-    node_pools: Iterable[tuple[str, str]],
-    gpus_per_node: Mapping[str, int],
+    plans: Mapping[str, AcceleratorPlan], gpus_per_node: Mapping[str, int]
 ) -> dict[str, int]:
-    """Nodes for each fixed-size node pool: the GPUs its accelerators' plans hold, over the GPUs
-    one of its nodes carries (its machine type: a g2-standard-48 has 4 L4s).
-
-    `node_pools` are (node pool, accelerator) pairs, one per scaled pool that names a node pool;
-    an accelerator counts once per node pool however many pools share it.
+    """Nodes for each fixed-size node pool: the GPUs the pools placed on it hold (each plan's
+    `node_pools`), over the GPUs one of its nodes carries (its machine type: a g2-standard-48 has
+    4 L4s). Two node pools of one accelerator each get their own pools' share, not the
+    accelerator's total.
     """
     gpus: dict[str, int] = {}
-    for np, acc in sorted(set(node_pools)):
-        p = plans.get(acc)
-        if p is not None:
-            gpus[np] = gpus.get(np, 0) + _held(p.gpus_needed, p.gpus_requested)
-    return {np: math.ceil(n / gpus_per_node[np]) for np, n in gpus.items()}
+    for p in plans.values():
+        for np, n in p.node_pools:
+            gpus[np] = gpus.get(np, 0) + n
+    return {np: math.ceil(n / gpus_per_node[np]) for np, n in sorted(gpus.items())}
+
+
+def gpu_inventory(
+    nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
+) -> dict[str, AcceleratorInventory]:
+    """Per accelerator label: allocatable `nvidia.com/gpu` on Ready, schedulable nodes (by their
+    `cloud.google.com/gke-accelerator` label), and the GPUs Pending pods not yet bound to a node
+    request (by the same label in their nodeSelector; a pod that names no accelerator could land
+    on any and is left out). Objects are Kubernetes JSON (camelCase), as the API serves them.
+    """
+    alloc: dict[str, int] = {}
+    count: dict[str, int] = {}
+    per_node: dict[str, int] = {}
+    for n in nodes:
+        acc = ((n.get("metadata") or {}).get("labels") or {}).get(GKE_ACCELERATOR_LABEL)
+        if not acc or not _ready(n) or (n.get("spec") or {}).get("unschedulable"):
+            continue
+        g = _quantity(((n.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE))
+        alloc[acc] = alloc.get(acc, 0) + g
+        count[acc] = count.get(acc, 0) + 1
+        per_node[acc] = max(per_node.get(acc, 0), g)
+    pending: dict[str, int] = {}
+    for p in pods:
+        spec = p.get("spec") or {}
+        # A Pending pod already bound to a node (pulling its image) holds that node's GPUs.
+        if (p.get("status") or {}).get("phase") != "Pending" or spec.get("nodeName"):
+            continue
+        acc = (spec.get("nodeSelector") or {}).get(GKE_ACCELERATOR_LABEL)
+        g = _pod_gpus(spec)
+        if acc and g:
+            pending[acc] = pending.get(acc, 0) + g
+    return {
+        acc: AcceleratorInventory(
+            accelerator=acc,
+            allocatable_gpus=alloc.get(acc, 0),
+            pending_gpus=pending.get(acc, 0),
+            nodes=count.get(acc, 0),
+            gpus_per_node=per_node.get(acc, 0),
+        )
+        for acc in sorted(set(alloc) | set(pending))
+    }
+
+
+def _ready(node: Mapping[str, Any]) -> bool:
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _quantity(v: Any) -> int:
+    # GPU counts are whole numbers ("4"); anything else counts as none rather than failing a tick.
+    try:
+        return max(0, int(str(v)))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _pod_gpus(spec: Mapping[str, Any]) -> int:
+    """GPUs a pod requests: its containers' sum, or its largest init container if larger (the
+    scheduler's rule). Extended resources need a limit; the request defaults to it."""
+
+    def gpus(c: Mapping[str, Any]) -> int:
+        r = c.get("resources") or {}
+        req = (r.get("requests") or {}).get(GPU_RESOURCE)
+        return _quantity(req if req is not None else (r.get("limits") or {}).get(GPU_RESOURCE))
+
+    main = sum(gpus(c) for c in spec.get("containers") or [])
+    init = max((gpus(c) for c in spec.get("initContainers") or []), default=0)
+    return max(main, init)
+
+
+def accelerator_label(name: str) -> str:
+    """The GKE accelerator label for a pool's `accelerator` (a label or a GPU alias such as
+    `l4`): node selectors and node labels only know labels. Names outside the catalog as given."""
+    try:
+        return resolve_gpu(name).label
+    except ValueError:
+        return name
 
 
 def placeholder_pod(

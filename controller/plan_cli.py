@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from controller.planner import (
     COUNTS,
     DTYPES,
+    MACHINE_TYPES,
     PRICES_DATE,
     Workload,
     load_prices,
     plan,
-    recommend_quantization,
+    quantization_advice,
+    rows_json,
 )
+from modelserver.profiles import resolve_gpu
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,15 +67,25 @@ def main(argv: list[str]) -> int:
             prices=prices,
             **kwargs,
         )
-        advice = recommend_quantization(args.model, args.dtype or "bf16", work, prices)
+        advice = quantization_advice(args.model, args.dtype or "bf16", work, prices)
     except (ValueError, OSError) as e:
         print(f"kvpilot plan: {e}", file=sys.stderr)
         return 2
+    if not rows:  # e.g. --gpu h200 --count 1: say why rather than print nothing
+        offered = {
+            g: " or ".join(str(n) for a, n in sorted(MACHINE_TYPES) if a == g)
+            for g, _ in MACHINE_TYPES
+        }
+        wanted = sorted({resolve_gpu(g).alias for g in args.gpu or ()})
+        asked = ", ".join(f"--count {n}" for n in args.count or COUNTS)
+        comes = "; ".join(f"{g} comes as {offered[g]} GPUs" for g in wanted)
+        print(f"kvpilot plan: no GKE machine type for {asked}: {comes}", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(rows_json(rows, advice))
         return 0
     shown = rows if args.all else [r for r in rows if r.fits]
-    _table(args.model, shown, work, advice, hidden=len(rows) - len(shown))
+    _table(args.model, shown, work, advice.text if advice else None, hidden=len(rows) - len(shown))
     return 0
 
 

@@ -221,12 +221,15 @@ def plan(
     m = resolve_model(model) if isinstance(model, str) else model
     work = work or Workload()
     prices = DEFAULT_PRICES_USD_PER_HOUR if prices is None else prices
+    # Aliases first (`H200`, `nvidia-h200-141gb` -> `h200`): an unknown name is an error that
+    # lists the valid ones, and the machine-type check below sees the canonical alias.
+    aliases = list(dict.fromkeys(resolve_gpu(g).alias for g in gpus))
     rows = [
         plan_one(m, g, n, d, work, prices)
         for d in dtypes
-        for g in gpus
+        for g in aliases
         for n in counts
-        if (g, n) in MACHINE_TYPES or resolve_gpu(g).alias != "h200"
+        if (g, n) in MACHINE_TYPES or g != "h200"  # H200 only comes as 8 GPUs
     ]
     return sorted(rows, key=rank_key)
 
@@ -242,6 +245,16 @@ def smallest_fit(rows: Sequence[PlanRow]) -> PlanRow | None:
     return min(ok, key=lambda r: (r.usd_per_hour, r.count)) if ok else None
 
 
+@dataclass(frozen=True)
+class QuantizationAdvice:
+    """A smaller weight format that changes the GPU a model needs."""
+
+    text: str
+    dtype: str  # the format asked about
+    need: PlanRow | None  # what the model needs at `dtype` (None: it fits nowhere)
+    alt: PlanRow  # what it needs at the recommended format (alt.dtype)
+
+
 def recommend_quantization(
     model: str | ModelProfile,
     dtype: str = "bf16",
@@ -249,6 +262,17 @@ def recommend_quantization(
     prices: Mapping[str, float] | None = None,
 ) -> str | None:
     """A sentence when a smaller weight format changes the GPU the model needs."""
+    advice = quantization_advice(model, dtype, work, prices)
+    return advice.text if advice else None
+
+
+def quantization_advice(
+    model: str | ModelProfile,
+    dtype: str = "bf16",
+    work: Workload | None = None,
+    prices: Mapping[str, float] | None = None,
+) -> QuantizationAdvice | None:
+    """`recommend_quantization` with the rows it compares."""
     need = smallest_fit(plan(model, dtypes=(dtype,), work=work, prices=prices))
     found: tuple[str, PlanRow] | None = None
     for q in DTYPES[DTYPES.index(dtype) + 1 :] if dtype in DTYPES else ():
@@ -260,15 +284,17 @@ def recommend_quantization(
         return None
     q, alt = found
     if need is None:
-        return f"at {dtype} it fits nowhere; at {q} it fits on {alt.count} x {alt.gpu} ({alt.machine_type})"
+        text = f"at {dtype} it fits nowhere; at {q} it fits on {alt.count} x {alt.gpu} ({alt.machine_type})"
+        return QuantizationAdvice(text, dtype, None, alt)
     if (alt.usd_per_hour or math.inf) >= (need.usd_per_hour or math.inf):
         return None
-    return (
+    text = (
         f"at {q} it fits on {alt.count} x {alt.gpu} ({alt.machine_type}, "
         f"${alt.usd_per_hour:.2f}/h) instead of {need.count} x {need.gpu} "
         f"({need.machine_type}, ${need.usd_per_hour:.2f}/h) at {dtype}; "
         f"check output quality at {q} first"
     )
+    return QuantizationAdvice(text, dtype, need, alt)
 
 
 def cheapest_accelerator(
@@ -294,5 +320,19 @@ def cheapest_accelerator(
     return b.accelerator if b else None
 
 
-def rows_json(rows: Sequence[PlanRow]) -> str:
-    return json.dumps([r.to_dict() for r in rows], indent=2)
+def rows_json(rows: Sequence[PlanRow], advice: QuantizationAdvice | None = None) -> str:
+    """JSON rows (a list, as before), each with `recommended` (the row the quantization advice
+    points to) and `advice` (its sentence, on that row and on every row at the format it is
+    about; "" elsewhere), so `--json` carries what the table prints below itself."""
+
+    def key(r: PlanRow | None) -> tuple[str, int, str] | None:
+        return (r.gpu, r.count, r.dtype) if r is not None else None
+
+    out = []
+    for r in rows:
+        recommended = advice is not None and key(r) == key(advice.alt)
+        about = recommended or (advice is not None and r.dtype == advice.dtype)
+        out.append(
+            {**r.to_dict(), "recommended": recommended, "advice": advice.text if about else ""}
+        )
+    return json.dumps(out, indent=2)

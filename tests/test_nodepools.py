@@ -13,6 +13,8 @@ from controller.gke import TOKEN_PATH, GkeError, GkeNodePools
 from controller.nodepools import (
     AcceleratorInventory,
     PoolGpuDemand,
+    accelerator_label,
+    gpu_inventory,
     node_pool_sizes,
     placeholder_pod,
     plan_accelerators,
@@ -55,16 +57,119 @@ def test_target_nodes_never_below_what_running_replicas_request() -> None:
 def test_node_pool_sizes_divide_the_gpus_held_by_each_node_pools_gpus_per_node() -> None:
     plans = plan_accelerators(
         [
-            PoolGpuDemand("a", "nvidia-l4", 1, 4, 4, headroom_gpus=2),  # 6 L4s
-            PoolGpuDemand("b", "nvidia-l4", 1, 3, 3),  # 3 more: 9 in all
-            PoolGpuDemand("c", "nvidia-h100-80gb", 2, 5, 1),  # 10 requested by replicas that exist
+            PoolGpuDemand("a", "nvidia-l4", 1, 4, 4, headroom_gpus=2, node_pool="l4-pool"),  # 6
+            PoolGpuDemand("b", "nvidia-l4", 1, 3, 3, node_pool="l4-pool"),  # 3 more: 9 in all
+            # 10 GPUs requested by replicas that exist
+            PoolGpuDemand("c", "nvidia-h100-80gb", 2, 5, 1, node_pool="h100-pool"),
         ]
     )
-    pairs = [("l4-pool", "nvidia-l4"), ("l4-pool", "nvidia-l4"), ("h100-pool", "nvidia-h100-80gb")]
-    sizes = node_pool_sizes(plans, pairs, {"l4-pool": 4, "h100-pool": 8})
-    # L4: one plan (9 GPUs) however many pools share it -> 3 nodes; H100: never below the 10
-    # GPUs existing replicas request -> 2 nodes
+    sizes = node_pool_sizes(plans, {"l4-pool": 4, "h100-pool": 8})
+    # L4: both pools on one node pool (9 GPUs) -> 3 nodes; H100: never below the 10 GPUs
+    # existing replicas request -> 2 nodes
     assert sizes == {"l4-pool": 3, "h100-pool": 2}
+
+
+def test_node_pools_sharing_an_accelerator_are_each_sized_for_their_own_pools() -> None:
+    """Two pools of 4 one-L4 replicas on two node pools: 4 nodes each, not 8 each (16 nodes
+    for 8 GPUs), and a pool on no node pool does not count on either."""
+    plans = plan_accelerators(
+        [
+            PoolGpuDemand("a", "nvidia-l4", 1, 4, 4, node_pool="np1"),
+            PoolGpuDemand("b", "nvidia-l4", 1, 4, 4, node_pool="np2"),
+            PoolGpuDemand("c", "nvidia-l4", 1, 2, 2),
+        ]
+    )
+    assert plans["nvidia-l4"].node_pools == (("np1", 4), ("np2", 4))
+    assert node_pool_sizes(plans, {"np1": 1, "np2": 1}) == {"np1": 4, "np2": 4}
+    assert node_pool_sizes(plans, {"np1": 4, "np2": 2}) == {"np1": 1, "np2": 2}
+
+
+def test_inventory_sets_shortfall_unrequested_and_gpus_per_node() -> None:
+    demands = [
+        PoolGpuDemand("a", "nvidia-l4", 1, current_replicas=6, desired_replicas=6, headroom_gpus=2),
+        PoolGpuDemand(
+            "b", "nvidia-l4", 2, current_replicas=1, desired_replicas=1, forecast_replicas=2
+        ),
+    ]  # needed 6 + 2 + 4 = 12; requested 6 + 2 = 8
+    inv = AcceleratorInventory(
+        "nvidia-l4", allocatable_gpus=4, pending_gpus=5, nodes=1, gpus_per_node=4
+    )
+    l4 = plan_accelerators(demands, {"nvidia-l4": inv})["nvidia-l4"]
+    assert (l4.gpus_needed, l4.gpus_requested) == (12, 8)
+    assert l4.shortfall_gpus == 8  # 12 needed, 4 allocatable on the Ready node
+    assert l4.unrequested_gpus == 3  # 5 of the 8 already asked for by Pending pods
+    assert l4.target_nodes == 3  # 12 GPUs on 4-GPU nodes
+    # Pending GPUs never lower the placeholders: they are an absolute target, reconciled.
+    assert l4.placeholder_gpus == 2 + 2
+    # More pending than short: nothing left unasked; no node Ready yet: one 2-GPU replica per node.
+    busy = AcceleratorInventory("nvidia-l4", pending_gpus=20)
+    l4 = plan_accelerators(demands, {"nvidia-l4": busy})["nvidia-l4"]
+    assert (l4.shortfall_gpus, l4.unrequested_gpus, l4.target_nodes) == (12, 0, 6)
+    # Without any inventory: the same fallback, and every GPU needed is short.
+    l4 = plan_accelerators(demands)["nvidia-l4"]
+    assert (l4.shortfall_gpus, l4.unrequested_gpus, l4.target_nodes) == (12, 12, 6)
+
+
+def node(name: str, acc: str | None, gpus: str, ready: str = "True", **spec: Any) -> dict:
+    labels = {"cloud.google.com/gke-accelerator": acc} if acc else {}
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": spec,
+        "status": {
+            "allocatable": {"nvidia.com/gpu": gpus, "cpu": "47"},
+            "conditions": [{"type": "MemoryPressure", "status": "False"},
+                           {"type": "Ready", "status": ready}],
+        },
+    }  # fmt: skip
+
+
+def pod(phase: str, acc: str | None, limits: str | None, node_name: str = "", **extra: Any) -> dict:
+    spec: dict[str, Any] = {"containers": [{"name": "c", "resources": {}}], **extra}
+    if limits is not None:
+        spec["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": limits}}
+    if acc:
+        spec["nodeSelector"] = {"cloud.google.com/gke-accelerator": acc}
+    if node_name:
+        spec["nodeName"] = node_name
+    return {"metadata": {"name": "p"}, "spec": spec, "status": {"phase": phase}}
+
+
+def test_gpu_inventory_counts_ready_nodes_and_unscheduled_pending_pods() -> None:
+    nodes = [
+        node("l4-a", "nvidia-l4", "4"),
+        node("l4-b", "nvidia-l4", "4"),
+        node("l4-booting", "nvidia-l4", "4", ready="False"),  # on the way: not allocatable yet
+        node("l4-cordoned", "nvidia-l4", "4", unschedulable=True),
+        node("h100-a", "nvidia-h100-80gb", "8"),
+        node("cpu", None, "0"),
+    ]
+    init = {"initContainers": [{"name": "i", "resources": {"limits": {"nvidia.com/gpu": "3"}}}]}
+    pods = [
+        pod("Pending", "nvidia-l4", "2"),
+        pod("Pending", "nvidia-l4", "1"),
+        pod("Pending", "nvidia-l4", "1", node_name="l4-a"),  # bound: pulling its image
+        pod("Running", "nvidia-l4", "1", node_name="l4-b"),
+        pod("Pending", "nvidia-h100-80gb", "1", **init),  # the largest init container counts
+        pod("Pending", "nvidia-tesla-t4", "1"),  # only pending: no node of it yet
+        pod("Pending", None, "1"),  # could land on any accelerator: left out
+        pod("Pending", "nvidia-l4", None),  # no GPUs
+    ]
+    inv = gpu_inventory(nodes, pods)
+    assert inv["nvidia-l4"] == AcceleratorInventory(
+        "nvidia-l4", allocatable_gpus=8, pending_gpus=3, nodes=2, gpus_per_node=4
+    )
+    assert inv["nvidia-h100-80gb"] == AcceleratorInventory(
+        "nvidia-h100-80gb", allocatable_gpus=8, pending_gpus=3, nodes=1, gpus_per_node=8
+    )
+    assert inv["nvidia-tesla-t4"] == AcceleratorInventory("nvidia-tesla-t4", pending_gpus=1)
+    assert set(inv) == {"nvidia-l4", "nvidia-h100-80gb", "nvidia-tesla-t4"}
+
+
+def test_accelerator_label_resolves_aliases_and_keeps_other_labels() -> None:
+    assert accelerator_label("l4") == "nvidia-l4"
+    assert accelerator_label("H100") == "nvidia-h100-80gb"
+    assert accelerator_label("nvidia-l4") == "nvidia-l4"
+    assert accelerator_label("nvidia-tesla-t4") == "nvidia-tesla-t4"
 
 
 def test_placeholder_pod_requests_gpus_at_low_priority_on_the_right_nodes() -> None:
@@ -213,8 +318,8 @@ async def test_gke_nodes_count_nodes_by_the_node_pools_gpus_per_node(gke: Any) -
     def plans(a: int, b: int) -> Any:
         return plan_accelerators(
             [
-                PoolGpuDemand("a", "nvidia-l4", 1, a, a, headroom_gpus=2),
-                PoolGpuDemand("b", "nvidia-l4", 1, b, b),
+                PoolGpuDemand("a", "nvidia-l4", 1, a, a, headroom_gpus=2, node_pool="l4-pool"),
+                PoolGpuDemand("b", "nvidia-l4", 1, b, b, node_pool="l4-pool"),
             ]
         )
 
@@ -226,6 +331,51 @@ async def test_gke_nodes_count_nodes_by_the_node_pools_gpus_per_node(gke: Any) -
     await nodes.apply(plans(6, 5), targets(cfg))
     assert fake.sizes == {"l4-pool": 4}
     assert fake.gets == 1  # the node pool's shape is read once
+
+
+async def test_gke_nodes_size_a_pool_that_may_use_several_accelerators(gke: Any) -> None:
+    """A pool with `accelerators` and no single `accelerator` is sized on the one the controller
+    chose (as `_nodes` plans it), not skipped; two node pools of one accelerator each get their
+    own pools' GPUs."""
+    from controller.actuators import GkeNodes
+    from controller.loop import Controller, PoolTarget
+    from kvpilot.config import parse_config
+
+    fake, client = gke
+    fake.gpus["l4-pool-2"] = 1
+    cfg = parse_config(
+        {
+            "pools": [
+                {"name": "a", "models": ["llama-3.1-8b"]},
+                {"name": "b", "models": ["llama-3.1-8b"], "accelerator": "nvidia-l4"},
+            ],
+            "controller": {
+                "pools": {
+                    "a": {
+                        "node_pool": "l4-pool",
+                        "accelerators": ["nvidia-l4", "nvidia-h100-80gb"],
+                        "forecast": False,
+                    },
+                    "b": {"node_pool": "l4-pool-2", "forecast": False},
+                }
+            },
+        }
+    )
+
+    class Fixed:  # the replica actuator: sizes that do not change
+        async def get_replicas(self, t: PoolTarget) -> int:
+            return {"a": 8, "b": 3}[t.name]
+
+        async def set_replicas(self, t: PoolTarget, replicas: int, d: Any) -> None:
+            raise AssertionError("no scaling expected")
+
+    chosen = lambda t: "nvidia-l4" if t.scaling.accelerators else t.pool.accelerator  # noqa: E731
+    ctl = Controller(
+        cfg, Fixed(), lambda: [], nodes=GkeNodes(client), accelerator_for=chosen, clock=lambda: 1e4
+    )
+    await ctl.tick()
+    # a: 8 one-L4 replicas on 4-L4 nodes; b: 3 on 1-L4 nodes (not 11 GPUs on each node pool)
+    assert fake.sizes == {"l4-pool": 2, "l4-pool-2": 3}
 
 
 async def test_gke_nodes_refuse_a_node_pool_without_gpus(gke: Any) -> None:

@@ -34,3 +34,44 @@ def test_plan_errors_are_clear(capsys: pytest.CaptureFixture[str], tmp_path) -> 
     assert main(["plan", "--model", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
     assert main(["plan", "--model", "llama-3.1-8b", "--prices", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_plan_gpu_by_alias_or_label(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("H200", "nvidia-h200-141gb"):
+        assert main(["plan", "--model", "llama-3.1-8b", "--gpu", name, "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert rows and {(r["gpu"], r["count"]) for r in rows} == {("h200", 8)}
+
+
+def test_plan_gpu_errors_name_the_valid_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "llama-3.1-8b", "--gpu", "b200"]) == 2
+    err = capsys.readouterr().err
+    assert "b200" in err and "h100 (nvidia-h100-80gb)" in err and "l4" in err
+    # H200 only comes as 8 GPUs: say so rather than print an empty table.
+    assert main(["plan", "--model", "llama-3.1-8b", "--gpu", "h200", "--count", "1"]) == 2
+    assert "h200 comes as 8 GPUs" in capsys.readouterr().err
+
+
+def test_plan_json_carries_the_quantization_advice(capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows stay a list; the row the advice recommends says so, and the rows at the format it is
+    about carry the sentence the table prints."""
+    args = ["plan", "--model", "gemma-2-27b", "--tpot-target", "0.05", "--json"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list)
+    assert all(isinstance(r["recommended"], bool) and isinstance(r["advice"], str) for r in rows)
+    rec = [r for r in rows if r["recommended"]]
+    assert len(rec) == 1 and rec[0]["dtype"] == "int4" and rec[0]["gpu"] == "l4"
+    advice = rec[0]["advice"]
+    assert "int4" in advice and "instead of" in advice
+    assert all(r["advice"] == advice for r in rows if r["dtype"] == "bf16")
+    assert all(r["advice"] == "" for r in rows if r["dtype"] in ("fp8", "int8"))
+    # Only bf16 rows asked for: the advice is still there, on them.
+    assert main([*args, "--dtype", "bf16"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert not any(r["recommended"] for r in rows)
+    assert all(r["advice"] == advice for r in rows)
+    # Nothing to recommend: no row recommended, no advice.
+    assert main(["plan", "--model", "llama-3.1-8b", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert not any(r["recommended"] or r["advice"] for r in rows)

@@ -86,3 +86,17 @@ def test_cheapest_accelerator_for_a_pool_with_several() -> None:
     assert acc in ("nvidia-l4", "nvidia-h100-80gb")
     # With one-GPU replicas the 70B fits on neither.
     assert cheapest_accelerator("llama-3.1-70b", ["nvidia-l4", "nvidia-h100-80gb"], 1) is None
+
+
+@pytest.mark.parametrize("name", ["h200", "H200", "nvidia-h200-141gb", " NVIDIA-H200-141GB "])
+def test_gpu_aliases_and_labels_are_resolved_before_filtering(name: str) -> None:
+    rows = plan("llama-3.1-8b", gpus=[name], work=W)
+    assert [(r.gpu, r.count) for r in rows] == [("h200", 8)]
+    # One GPU named twice is planned once.
+    rows = plan("llama-3.1-8b", gpus=["h100", "nvidia-h100-80gb", "H100"], counts=(1,), work=W)
+    assert [(r.gpu, r.count) for r in rows] == [("h100", 1)]
+
+
+def test_an_unknown_gpu_is_an_error_listing_the_valid_names() -> None:
+    with pytest.raises(ValueError, match="unknown GPU 'b200'.*l4.*nvidia-h200-141gb"):
+        plan("llama-3.1-8b", gpus=["h100", "b200"], work=W)
