@@ -29,6 +29,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from gateway import errors
 from gateway.discovery import Discovery
 from gateway.fleet import Fleet, StateFeeds
 from gateway.peers import ENV_DIR as PEERS_ENV_DIR
@@ -44,6 +45,9 @@ UPSTREAM_CONNECTIONS_PER_REPLICA = 1024
 GATEWAY = web.AppKey("gateway", Gateway)
 DISCOVERY = web.AppKey("discovery", Discovery)
 TICK_S = 0.5  # ejections run out and stale states age between events: look again this often
+# After gateway.shutdown_timeout_s the gateway ends what still runs itself (gateway.drain); what
+# aiohttp then waits for (twice, per connection) is only the last writes of those answers.
+AIOHTTP_SHUTDOWN_S = 2.0
 
 
 def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> web.Application:
@@ -136,6 +140,12 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
 
     app.cleanup_ctx.append(lifecycle)
 
+    async def on_shutdown(app: web.Application) -> None:
+        # The listening socket is closed by now; requests in progress get the grace period.
+        await gateway.drain(gateway.gw.shutdown_timeout_s)
+
+    app.on_shutdown.append(on_shutdown)
+
     async def completions(request: web.Request) -> web.StreamResponse:
         return await gateway.handle(request, "completions")
 
@@ -145,15 +155,49 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
     async def models(request: web.Request) -> web.Response:
         try:
             gateway.check_auth(request)
-        except Exception as e:  # GatewayError
-            return e.response()  # type: ignore[attr-defined]
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "kvpilot"}
-            for m in gateway.models()
-        ]
+        except errors.GatewayError as e:
+            return e.response()
+        data = [_model_object(m) for m in gateway.models()]
         return web.Response(
             body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
         )
+
+    async def model(request: web.Request) -> web.Response:
+        """GET /v1/models/{id} (the openai client's `models.retrieve`)."""
+        name = request.match_info["id"]
+        try:
+            gateway.check_auth(request)
+            if name not in gateway.model_pools:
+                raise errors.unknown_model(name)
+        except errors.GatewayError as e:
+            return e.response()
+        return web.Response(body=orjson.dumps(_model_object(name)), content_type="application/json")
+
+    async def no_route(request: web.Request) -> web.Response:
+        """Anything no route serves: OpenAI-style 404, or 405 for a known path's wrong method.
+
+        A catch-all route rather than a middleware: it costs the routed requests nothing."""
+        allowed: set[str] = set()
+        for resource in app.router.resources():
+            if resource is not catch_all:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            return errors.GatewayError(
+                405,
+                f"Method {request.method} is not allowed for {request.path}; "
+                f"use {', '.join(sorted(allowed))}.",
+                "invalid_request_error",
+                None,
+                "method_not_allowed",
+                {"Allow": ", ".join(sorted(allowed))},
+            ).response()
+        return errors.GatewayError(
+            404,
+            f"Unknown request URL: {request.method} {request.path}.",
+            "invalid_request_error",
+            None,
+            "unknown_url",
+        ).response()
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -213,11 +257,17 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{id:.+}", model)  # model names may hold slashes
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", prom)
     app.router.add_get("/debug/fleet", fleet_view)
+    catch_all = app.router.add_route("*", "/{path:.*}", no_route).resource
     return app
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "kvpilot"}
 
 
 async def _tick(fleet: Fleet) -> None:
@@ -266,7 +316,9 @@ async def start_gateway(
     port = lport if port is None else port
     app = build_app(cfg, kube_api_client=kube_api_client, worker=worker)
     # handler_cancellation: a client that goes away cancels its handler, which closes upstream.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=AIOHTTP_SHUTDOWN_S
+    )
     await runner.setup()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

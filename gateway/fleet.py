@@ -74,7 +74,14 @@ class _PoolViews:
 
 
 class Fleet:
-    """Replicas per pool, their latest states and the in-flight ledger."""
+    """Replicas per pool, their latest states and the in-flight ledger.
+
+    A replica listed by two pools (one model server serving the models of both) has one record
+    per pool: its failures, ejection, in-flight count and metric series are that pool's own. Its
+    state and its ledger account belong to the server and are shared: a state describes the whole
+    server, and what one pool sends it loads it for the other pool too. The request-path methods
+    take the pool; without one they act on the replica's first record.
+    """
 
     def __init__(
         self,
@@ -83,15 +90,18 @@ class Fleet:
         eject_for_s: float = 10.0,
         stale_after_s: float = 5.0,
         on_change: Callable[[str], None] | None = None,
+        on_leave: Callable[[str, str], None] | None = None,
     ) -> None:
         self.pools: dict[str, dict[str, Replica]] = {}
-        self.by_address: dict[str, Replica] = {}
-        self.by_id: dict[str, Replica] = {}
+        # replica URL / id -> its records, one per pool that lists it (almost always one)
+        self.by_address: dict[str, tuple[Replica, ...]] = {}
+        self.by_id: dict[str, tuple[Replica, ...]] = {}
         self.ledger = InFlightLedger()
         self.eject_after = eject_after
         self.eject_for_s = eject_for_s
         self.stale_after_s = stale_after_s
         self.on_change = on_change
+        self.on_leave = on_leave  # (pool, replica id): it left that pool (its policy forgets it)
         self.synced: set[str] = set()  # pools whose discovery has reported at least once
         self.profiles: dict[str, RateSeed | None] = {}  # pool -> speed seed for its replicas
         self._views: dict[str, _PoolViews] = {}
@@ -104,8 +114,12 @@ class Fleet:
     # ---- discovery -------------------------------------------------------------------------
 
     def set_endpoints(self, pool: str, endpoints: Iterable[Endpoint]) -> None:
-        """Replace a pool's replicas; known ones keep their state, failures and in-flight count."""
+        """Replace a pool's replicas; known ones keep their state, failures and in-flight count.
+
+        A replica that left has its metric series dropped and its pool told (`on_leave`); its
+        ledger account goes once no pool lists it."""
         old = self.pools.get(pool, {})
+        old_urls = {r.url for r in old.values()}  # before known records take their new URLs
         new: dict[str, Replica] = {}
         for ep in endpoints:
             r = old.get(ep.replica_id)
@@ -114,15 +128,22 @@ class Fleet:
             r.url = normalize_url(ep.url)
             r.terminating = ep.terminating
             new[ep.replica_id] = r
-        for rid, r in old.items():
-            if rid not in new:
-                self.by_address.pop(r.url, None)
-                self.by_id.pop(rid, None)
-                metrics.child(metrics.INFLIGHT, pool, rid).set(0)
-        for r in new.values():
-            self.by_address[r.url] = r
-            self.by_id[r.replica_id] = r
         self.pools[pool] = new
+        # Re-index what this pool had or has; the other pools' records stay where they are.
+        by_url: dict[str, list[Replica]] = {}
+        for r in new.values():
+            by_url.setdefault(r.url, []).append(r)
+        _reindex(self.by_id, pool, {rid: [r] for rid, r in new.items()}, old.keys())
+        _reindex(self.by_address, pool, by_url, old_urls)
+        left = [rid for rid in old if rid not in new]
+        if left:
+            metrics.forget_replicas(pool, left)
+            for rid in left:
+                if self.on_leave is not None:
+                    self.on_leave(pool, rid)
+                if rid not in self.by_id:  # no pool lists it any more
+                    self.ledger.forget(rid)
+                    self._summed.pop(rid, None)
         self._views.pop(pool, None)
         self.synced.add(pool)
         self._publish_counts(pool, time.time())
@@ -137,20 +158,21 @@ class Fleet:
 
     def observe_state(self, state: ReplicaState, source: str = "agent") -> bool:
         """Take a replica state (from an agent or a scrape); False when it matches no replica."""
-        r = self.by_address.get(normalize_url(state.address)) or self.by_id.get(state.replica_id)
-        if r is None:
+        recs = self.by_address.get(normalize_url(state.address)) or self.by_id.get(state.replica_id)
+        if not recs:
             return False
-        if r.state is not None and state.observed_at < r.state.observed_at:
-            return True  # older than what we have (two agents, or a scrape racing an agent)
-        # An agent's state wins over a scrape until it goes stale.
-        if source == "scrape" and r.state_source == "agent" and not self._stale(r.state):
-            return True
-        r.state = state
-        r.state_source = source
-        self.ledger.observed(r.replica_id, state.observed_at)
-        self._ledger_changed()
-        self._touch(r)
-        self._changed(r.pool)
+        for r in recs:  # one per pool that lists the replica
+            if r.state is not None and state.observed_at < r.state.observed_at:
+                continue  # older than what we have (two agents, or a scrape racing an agent)
+            # An agent's state wins over a scrape until it goes stale.
+            if source == "scrape" and r.state_source == "agent" and not self._stale(r.state):
+                continue
+            r.state = state
+            r.state_source = source
+            self.ledger.observed(r.replica_id, state.observed_at)
+            self._ledger_changed()
+            self._touch_all(r.replica_id)
+            self._changed(r.pool)
         return True
 
     def _stale(self, state: ReplicaState | None, now: float | None = None) -> bool:
@@ -160,12 +182,12 @@ class Fleet:
 
     def needs_scrape(self, now: float) -> list[Replica]:
         """Replicas no agent reports freshly: the scrape fallback reads these directly."""
-        return [
-            r
-            for reps in self.pools.values()
-            for r in reps.values()
-            if not r.terminating and (r.state_source != "agent" or self._stale(r.state, now))
-        ]
+        due: dict[str, Replica] = {}  # by URL: a replica two pools list is scraped once
+        for reps in self.pools.values():
+            for r in reps.values():
+                if not r.terminating and (r.state_source != "agent" or self._stale(r.state, now)):
+                    due.setdefault(r.url, r)
+        return list(due.values())
 
     # ---- the picker's view -----------------------------------------------------------------
 
@@ -242,30 +264,42 @@ class Fleet:
     def peers_touched(self, replica_ids: Iterable[str]) -> None:
         """The peers' totals for these replicas changed: rebuild their views."""
         for rid in replica_ids:
-            r = self.by_id.get(rid)
-            if r is not None:
-                self._touch(r)
+            self._touch_all(rid)
 
     def _touch(self, r: Replica) -> None:
         c = self._views.get(r.pool)
         if c is not None:
             c.dirty.add(r.replica_id)
 
-    def replica(self, replica_id: str) -> Replica | None:
-        return self.by_id.get(replica_id)
+    def _touch_all(self, replica_id: str) -> None:
+        """The replica's ledger account or state changed: every pool listing it looks again."""
+        for r in self.by_id.get(replica_id, ()):
+            c = self._views.get(r.pool)
+            if c is not None:
+                c.dirty.add(replica_id)
+
+    def replica(self, replica_id: str, pool: str | None = None) -> Replica | None:
+        """The replica's record in `pool` (None: its first record)."""
+        if pool is not None:
+            return self.pools.get(pool, _NONE).get(replica_id)
+        return _record(self.by_id.get(replica_id, ()), None)
 
     def known(self, pool: str) -> int:
         return len(self.pools.get(pool, {}))
 
     # ---- the request path ------------------------------------------------------------------
 
-    def start(self, replica_id: str, req: RequestFeatures, now: float) -> None:
-        r = self.by_id.get(replica_id)
+    def start(
+        self, replica_id: str, req: RequestFeatures, now: float, pool: str | None = None
+    ) -> None:
+        recs = self.by_id.get(replica_id, ())
+        r = _record(recs, pool) if pool is None else self.pools.get(pool, _NONE).get(replica_id)
         block = r.state.kv_block_size if r is not None and r.state is not None else 16
         self.ledger.start(replica_id, req, now, block_size=block or 16)
         self._ledger_changed()
+        for x in recs:
+            self._touch(x)
         if r is not None:
-            self._touch(r)
             r.inflight += 1
             r.started.add(req.request_id)
             metrics.child(metrics.INFLIGHT, r.pool, replica_id).inc()
@@ -273,38 +307,53 @@ class Fleet:
     def first_token(self, replica_id: str, request_id: str, now: float) -> None:
         self.ledger.first_token(replica_id, request_id, now)
         self._ledger_changed()
-        r = self.by_id.get(replica_id)
-        if r is not None:
-            self._touch(r)
+        for x in self.by_id.get(replica_id, ()):
+            self._touch(x)
 
-    def finish(self, replica_id: str, request_id: str, now: float) -> None:
+    def finish(self, replica_id: str, request_id: str, now: float, pool: str | None = None) -> None:
         self.ledger.finish(replica_id, request_id, now)
         self._ledger_changed()
-        r = self.by_id.get(replica_id)
-        if r is not None:
-            self._touch(r)
+        recs = self.by_id.get(replica_id, ())
+        for x in recs:
+            self._touch(x)
+        r = _record(recs, pool) if pool is None else self.pools.get(pool, _NONE).get(replica_id)
         if r is not None and request_id in r.started:
             r.started.discard(request_id)
             r.inflight -= 1
             metrics.child(metrics.INFLIGHT, r.pool, replica_id).dec()
             self._changed(r.pool)
 
-    def succeeded(self, replica_id: str) -> None:
-        r = self.by_id.get(replica_id)
+    def succeeded(self, replica_id: str, pool: str | None = None) -> None:
+        r = self.replica(replica_id, pool)
         if r is not None:
             r.failures = 0
 
-    def failed(self, replica_id: str, now: float) -> bool:
-        """Count a failure before the first byte; True when it ejected the replica."""
-        r = self.by_id.get(replica_id)
+    def failed(self, replica_id: str, now: float, pool: str | None = None) -> bool:
+        """Count a failure; True when it ejected the replica.
+
+        At most half of a pool's replicas (rounded down) are out at once: past that the failures
+        are more likely the requests' or the network's than every replica's, and ejecting more
+        would pile the whole load onto the few left (a pool of one never ejects its replica)."""
+        r = self.replica(replica_id, pool)
         if r is None:
             return False
         r.failures += 1
         if r.failures >= self.eject_after and r.ejected_until <= now:
+            live = [x for x in self.pools.get(r.pool, {}).values() if not x.terminating]
+            out = sum(1 for x in live if x.ejected_until > now)
+            if out + 1 > len(live) // 2:
+                log.info(
+                    "replica %s of pool %s keeps failing; not ejected (%d of %d are out already)",
+                    replica_id,
+                    r.pool,
+                    out,
+                    len(live),
+                )
+                return False
             r.ejected_until = now + self.eject_for_s
             self._touch(r)
             r.failures = 0
-            metrics.EJECTIONS.labels(r.pool, replica_id).inc()
+            metrics.child(metrics.EJECTIONS, r.pool, replica_id).inc()
             log.warning(
                 "ejected replica %s of pool %s for %.0fs", replica_id, r.pool, self.eject_for_s
             )
@@ -329,6 +378,32 @@ class Fleet:
     def _changed(self, pool: str) -> None:
         if self.on_change is not None:
             self.on_change(pool)
+
+
+_NONE: dict[str, Replica] = {}  # the replicas of a pool that is not there
+
+
+def _record(recs: tuple[Replica, ...], pool: str | None) -> Replica | None:
+    """The record of `pool` among a replica's records (None: the first)."""
+    for r in recs:
+        if pool is None or r.pool == pool:
+            return r
+    return None
+
+
+def _reindex(
+    index: dict[str, tuple[Replica, ...]],
+    pool: str,
+    now: dict[str, list[Replica]],
+    before: Iterable[str],
+) -> None:
+    """Point `index`'s keys at `pool`'s records `now` has for them, keeping other pools' ones."""
+    for key in set(before) | now.keys():
+        recs = tuple(x for x in index.get(key, ()) if x.pool != pool) + tuple(now.get(key, ()))
+        if recs:
+            index[key] = recs
+        else:
+            index.pop(key, None)
 
 
 # ---- feeds: agents' watch streams and the direct scrape ------------------------------------

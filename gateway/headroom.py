@@ -16,6 +16,7 @@ from typing import Any
 from gateway.estimate import RequestFeatures
 from gateway.policy import (
     DEFAULT_SEED,
+    EXCEEDS_KV,
     NO_REPLICAS,
     BasePolicy,
     Decision,
@@ -67,6 +68,11 @@ class _Columns:
 
 # the numeric fields of a headroom entry (all but the view itself); see Headroom._entry
 _NUM_FIELDS = 15
+
+
+def _cache_tokens(e: tuple[Any, ...]) -> float:
+    """A headroom entry's whole KV cache in tokens (infinite when its size is unknown)."""
+    return 1.0 / (e[11] * e[12]) if e[11] > 0.0 and e[12] > 0.0 else math.inf
 
 
 class _Learned:
@@ -136,7 +142,9 @@ class Headroom(BasePolicy):
     When no replica fits the pick fails open to the lowest cost, or with `queue_when_saturated`
     returns None so the gateway holds the request until capacity frees; `queue_key` says which
     held request to offer freed capacity first (earliest deadline while it can still be met,
-    then by age).
+    then by age). A request it would hold that exceeds every replica's whole KV cache (known
+    sizes only) could never leave the queue: the pick says so (reason `EXCEEDS_KV`), and
+    `exceeds_kv_capacity` answers the same question without picking.
     """
 
     name = "headroom"
@@ -715,6 +723,8 @@ class Headroom(BasePolicy):
         elif self.queue_when_saturated and (
             self.hold_on_kv or not any(self._wait_ok(e, x + o, now, target) for _, x, e in costs)
         ):
+            if all(x + o > _cache_tokens(e) for _, x, e in costs):
+                return Decision(None, EXCEEDS_KV, scores)  # holding it would be for ever
             return Decision(None, "saturated", scores)
         else:
             # fail open to the lowest cost, among healthy replicas while there are any
@@ -726,6 +736,33 @@ class Headroom(BasePolicy):
         ttft = (q + best_x) * best[4]
         self._record(req, rid, best_x, ttft, best[14], q <= best_x * self.learn_max_queue)
         return Decision(rid, reason, scores)
+
+    def exceeds_kv_capacity(
+        self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float
+    ) -> float | None:
+        """When the request's new KV tokens (its uncached prompt and expected output) exceed the
+        whole cache of every usable replica offered: the largest of those caches, in tokens.
+        None while some replica could hold it once empty, or has a cache of unknown size."""
+        if not self.queue_when_saturated:
+            return None  # it fails open: the engine answers for a request it cannot hold
+        p = float(req.prompt_tokens)
+        o = float(req.expected_output_tokens)
+        tpb = req.tokens_per_block
+        hashes = req.prefix_hashes
+        matches = self.index.match(hashes) if hashes else None
+        largest = -1.0
+        for v in replicas:
+            e = self._entries.get(v.replica_id)
+            if e is None or e[0] is not v:
+                e = self._refresh(v, tpb)
+            if e[1]:
+                continue  # ejected: not a replica to hold it
+            total = _cache_tokens(e)
+            m = matches.get(v.replica_id, 0) if matches else 0
+            if max(0.0, p - m * tpb) + o <= total:
+                return None
+            largest = max(largest, total)
+        return largest if largest >= 0.0 else None
 
     def _learner(self, rid: str) -> _Learned:
         lr = self._rep.get(rid)

@@ -6,6 +6,9 @@ them; tests read deltas, never absolute values.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -109,3 +112,36 @@ def child(metric: MetricWrapperBase, *labels: str) -> Any:
     if c is None:
         c = _children[key] = metric.labels(*labels)
     return c
+
+
+# Series with a `replica` label, and that label's place among the labels.
+_PER_REPLICA = {REQUESTS: 2, INFLIGHT: 1, EJECTIONS: 1}
+
+
+def forget_replicas(pool: str, replicas: Iterable[str]) -> None:
+    """Drop the series of replicas that left `pool`: pods come and go, and a series kept for every
+    pod that ever existed would grow the exposition without bound.
+
+    With several workers (prometheus-client's multiprocess mode) a series lives on in the
+    workers' files, which cannot drop one: there only the in-flight gauge is zeroed."""
+    gone = set(replicas)
+    multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    for key in [
+        k
+        for k in _children
+        if k[0] in _PER_REPLICA and k[1] == pool and k[1 + _PER_REPLICA[k[0]]] in gone
+    ]:
+        child = _children.pop(key)
+        if key[0] is INFLIGHT:
+            child.set(0)
+        if not multiprocess:
+            with contextlib.suppress(KeyError):  # already removed (two gateways in one process)
+                key[0].remove(*key[1:])
+
+
+def forget_pool(pool: str) -> None:
+    """A pool left the config: its queue-length series goes (is zeroed with several workers)."""
+    QUEUE_LENGTH.labels(pool).set(0)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        with contextlib.suppress(KeyError):
+            QUEUE_LENGTH.remove(pool)

@@ -134,6 +134,9 @@ class Policy(Protocol):
 
 
 NO_REPLICAS = Decision(None, "no-replicas")
+# The reason of a pick that places nothing because the request's KV need exceeds the whole cache
+# of every replica offered: it would wait forever, so the gateway refuses it (400) instead.
+EXCEEDS_KV = "exceeds-kv-capacity"
 
 
 def usable(replicas: Sequence[ReplicaView]) -> list[ReplicaView]:

@@ -8,12 +8,20 @@ forwarded as the client sent it, byte for byte.
 Failure rules: anything that goes wrong before the client has received a byte (refused or reset
 connection, timeout, 502/503/504 from the replica, a stream that breaks before its first chunk) is
 retried on another replica, bounded by `max_retries` and a retry budget; after the first streamed
-byte the stream is ended with an SSE error event, so the client sees a well-formed failure.
+byte the stream is ended with an SSE error event, so the client sees a well-formed failure. One
+exception: a non-streaming request whose body the replica has taken whole and that gets no answer
+within `first_byte_timeout_s` is answered 504, neither retried nor held against the replica (vLLM
+sends a non-streamed answer's headers only with the finished answer: a long generation is slow,
+not failed, and running it again elsewhere would only double the work).
+
+A model listed by several pools spills over: each request goes to the first pool (config order)
+whose policy places it without queueing, and waits in the first pool's queue only when none can.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
@@ -26,6 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.payload import BytesPayload
 
 from gateway import errors, metrics
 from gateway.deadline import Deadline
@@ -33,12 +42,14 @@ from gateway.errors import GatewayError
 from gateway.estimate import Estimator, RequestFeatures, prompt_text
 from gateway.fleet import Fleet
 from gateway.picker import Decision, Policy, RateSeed, make_policy, rate_seed_for
+from gateway.policy import EXCEEDS_KV
 from gateway.queue import PoolQueue
 from kvpilot.config import Config, GatewayConfig, PoolConfig
 
 log = logging.getLogger(__name__)
 
-# RFC 7230 hop-by-hop headers, plus those aiohttp sets itself for the new connection.
+# RFC 9110 7.6.1 hop-by-hop headers (and those the Connection header names, see _dropped), plus
+# those aiohttp sets itself for the new connection.
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -57,6 +68,8 @@ HOP_BY_HOP = frozenset(
 _DROP_UP = HOP_BY_HOP | {"x-request-id"}
 _DROP_UP_AUTH = _DROP_UP | {"authorization"}  # the key was for the gateway, not the model server
 _DROP_DOWN = HOP_BY_HOP | {"x-request-id", "date", "server"}  # aiohttp sets date and server
+# Connection header values that name no header beyond the fixed hop-by-hop ones (the usual ones)
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 PRIORITY_HEADER = "x-kvpilot-priority"
 RETRIABLE_STATUS = frozenset({502, 503, 504})
 
@@ -67,6 +80,32 @@ class UpstreamFailed(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+class UpstreamTimedOut(Exception):
+    """A non-streaming request the replica took whole and did not answer in time: 504, not a
+    failure of the replica (a long generation) and not to be run again elsewhere."""
+
+
+class RoutedError(Exception):
+    """A refusal once the request's pool was chosen: counted under that pool (and replica)."""
+
+    def __init__(self, error: GatewayError, pool: str, replica: str = "") -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.pool = pool
+        self.replica = replica
+
+
+class _SentBody(BytesPayload):
+    """The request body, noting when it has been written whole (aiohttp writes it apart from
+    the headers): from then on the replica has the request."""
+
+    sent = False
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        await BytesPayload.write_with_length(self, writer, content_length)
+        self.sent = True
 
 
 class RetryBudget:
@@ -109,6 +148,7 @@ class _Outcome:
     ttft_s: float | None = None
     tpot_s: float | None = None
     usage: Mapping[str, Any] | None = None
+    broken: bool = False  # a stream that ended with an SSE error event (not a success)
 
 
 class Gateway:
@@ -117,11 +157,17 @@ class Gateway:
         self.estimator = estimator or Estimator()
         self.session: aiohttp.ClientSession | None = None  # set by the app's lifecycle
         self.pools: dict[str, PoolRuntime] = {}
-        self.model_pool: dict[str, str] = {}
+        # model -> the pools that list it, in config order (spill-over goes down the list)
+        self.model_pools: dict[str, tuple[PoolRuntime, ...]] = {}
         self.cfg = cfg
         self.gw: GatewayConfig = cfg.gateway
         self._seq = itertools.count()
         self.sharing = False  # other gateway workers read what this one routes (gateway/peers.py)
+        # Shutdown: the handler tasks of requests being routed, and set when none is left.
+        self._active: set[asyncio.Task[Any]] = set()
+        self._idle: asyncio.Event | None = None
+        self.stopping = False  # the shutdown grace ran out: requests still running are ended
+        fleet.on_leave = self._replica_left
         self.configure(cfg)
 
     # ---- configuration -----------------------------------------------------------------------
@@ -155,31 +201,50 @@ class Gateway:
             # Held requests leave in the policy's order (headroom: earliest TTFT deadline), as in
             # the simulator; without one, by priority then arrival.
             queue_key = getattr(policy, "queue_key", None)
+            # Policies that hold requests for KV room say which requests no replica can ever hold.
+            too_large = None
+            if hasattr(policy, "exceeds_kv_capacity"):
+                too_large = lambda req, exclude, rt=rt: self._too_large(rt, req, exclude)  # noqa: E731
             if prev is not None:  # a new policy: the requests waiting in the pool stay queued
                 rt.queue = prev.queue
                 rt.queue.pick, rt.queue.queue_key = pick, queue_key
+                rt.queue.too_large = too_large
                 rt.queue.size = cfg.gateway.queue_size
                 rt.queue.timeout_s = cfg.gateway.queue_timeout_s
             else:
+                release = lambda req, d, p=pool.name: self._release(p, req, d)  # noqa: E731
                 rt.queue = PoolQueue(
                     pool.name,
                     pick,
-                    self._release,
+                    release,
                     size=cfg.gateway.queue_size,
                     timeout_s=cfg.gateway.queue_timeout_s,
                     queue_key=queue_key,
+                    too_large=too_large,
                 )
             if self.sharing:
                 rt.policy.keep_journal()
             self.pools[pool.name] = rt
         self.fleet.profiles = {p.name: pool_profile(p) for p in cfg.pools}
-        self.model_pool = {}
+        listed: dict[str, list[PoolRuntime]] = {}
         for pool in cfg.pools:
             for m in pool.models:
-                self.model_pool.setdefault(m, pool.name)
+                listed.setdefault(m, []).append(self.pools[pool.name])
+        self.model_pools = {m: tuple(rts) for m, rts in listed.items()}
+        # Every pool's queue length from the start (0 is a reading; a missing series is not).
+        for name, rt in self.pools.items():
+            metrics.QUEUE_LENGTH.labels(name).set(len(rt.queue))
+        for name in old.keys() - self.pools.keys():
+            metrics.forget_pool(name)
 
     def models(self) -> list[str]:
-        return list(self.model_pool)
+        return list(self.model_pools)
+
+    def _replica_left(self, pool: str, replica_id: str) -> None:
+        """The fleet dropped a replica from a pool: its policy forgets what it held about it."""
+        rt = self.pools.get(pool)
+        if rt is not None:
+            rt.policy.forget(replica_id)
 
     # ---- what other gateway workers learn (gateway/peers.py) ---------------------------------
 
@@ -239,12 +304,26 @@ class Gateway:
         child(metrics.PICK, rt.config.name, rt.policy_name).observe(time.perf_counter() - t0)
         child(metrics.DECISIONS, rt.config.name, rt.policy_name, d.reason).inc()
         if d.replica_id is not None:
-            self.fleet.start(d.replica_id, req, now)
+            self.fleet.start(d.replica_id, req, now, rt.config.name)
         return d
 
-    def _release(self, req: RequestFeatures, d: Decision) -> None:
+    def _release(self, pool: str, req: RequestFeatures, d: Decision) -> None:
         if d.replica_id is not None:
-            self.fleet.finish(d.replica_id, req.request_id, time.time())
+            self.fleet.finish(d.replica_id, req.request_id, time.time(), pool)
+
+    def _too_large(
+        self, rt: PoolRuntime, req: RequestFeatures, exclude: frozenset[str]
+    ) -> GatewayError | None:
+        """400 `context_length_exceeded` when the request's KV need exceeds the whole cache of
+        every replica the pool offers (an empty one included): it could only wait forever."""
+        exceeds = getattr(rt.policy, "exceeds_kv_capacity", None)
+        if exceeds is None:
+            return None
+        now = time.time()
+        largest = exceeds(req, self.fleet.views(rt.config.name, now, exclude), now)
+        if largest is None:
+            return None
+        return context_length_exceeded(req, rt.config.name, largest)
 
     # ---- the request handlers ----------------------------------------------------------------
 
@@ -264,10 +343,12 @@ class Gateway:
             raw = await self._read_body(request)
             body = parse_body(raw, endpoint)
             model = body["model"]
-            pool_name = self.model_pool.get(model, "")
-            rt = self.pools.get(pool_name)
-            if rt is None:
-                raise errors.unknown_model(model)
+            pools = self.model_pools.get(model)
+            if pools is None:
+                err = errors.unknown_model(model)
+                model = ""  # a label per name a client made up would grow without bound
+                raise err
+            pool_name = pools[0].config.name
             priority = self._priority(request, model)
             max_tokens = body.get("max_tokens")
             if max_tokens is None:
@@ -281,35 +362,84 @@ class Gateway:
             metrics.child(metrics.REQUESTS, pool_name, model, "", str(e.status)).inc()
             return e.response(rid)
         stream = body.get("stream") is True
-        rt.budget.on_request()
-        replica = ""
+        task = request.task
+        active = self._active
+        active.add(task)  # the shutdown's grace covers it (see drain)
         try:
-            resp, replica = await self._route(request, rt, req, raw, endpoint, stream, rid)
+            resp, pool_name = await self._route(request, pools, req, raw, endpoint, stream, rid)
         except GatewayError as e:
-            metrics.child(metrics.REQUESTS, pool_name, model, replica, str(e.status)).inc()
+            metrics.child(metrics.REQUESTS, pool_name, model, "", str(e.status)).inc()
             return e.response(rid)
+        except RoutedError as e:
+            metrics.child(metrics.REQUESTS, e.pool, model, e.replica, str(e.error.status)).inc()
+            return e.error.response(rid)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            task.uncancel()  # ended by the shutdown before the client got a byte: say so
+            err = shutting_down()
+            metrics.child(metrics.REQUESTS, pool_name, model, "", str(err.status)).inc()
+            return err.response(rid)
+        finally:
+            active.discard(task)
+            if self._idle is not None and not active:
+                self._idle.set()
         metrics.child(metrics.E2E, pool_name, model).observe(time.monotonic() - t0)
         return resp
+
+    async def _spill(
+        self, pools: tuple[PoolRuntime, ...], req: RequestFeatures
+    ) -> tuple[PoolRuntime, Decision]:
+        """A model several pools list: the first pool (config order) whose policy places the
+        request now; else it waits in the first pool that could ever take it."""
+        none: frozenset[str] = frozenset()
+        waiting: list[PoolRuntime] = []
+        refused: PoolRuntime | None = None
+        for rt in pools:
+            if len(rt.queue):  # saturated: the requests already waiting there go first
+                waiting.append(rt)
+                continue
+            d = rt.queue.pick(req, none)
+            if d.replica_id is not None:
+                return rt, d
+            if d.reason == EXCEEDS_KV:
+                refused = refused or rt
+            else:
+                waiting.append(rt)
+        for i, rt in enumerate(waiting):
+            try:
+                return rt, await rt.queue.acquire(req, none)
+            except GatewayError as e:
+                if e.code != CONTEXT_LENGTH_EXCEEDED or i == len(waiting) - 1:
+                    raise
+        assert refused is not None
+        raise rt_refusal(refused, req)
 
     async def _route(
         self,
         request: web.Request,
-        rt: PoolRuntime,
+        pools: tuple[PoolRuntime, ...],
         req: RequestFeatures,
         raw: bytes,
         endpoint: str,
         stream: bool,
         rid: str,
     ) -> tuple[web.StreamResponse, str]:
-        pool = rt.config.name
+        """Send the request until a replica answers; the answer and the pool that served it."""
         headers = upstream_headers(request.headers, rid, strip_auth=bool(self.gw.api_keys))
         tried: frozenset[str] = frozenset()
         attempt = 0
-        while True:
+        if len(pools) == 1:
+            rt = pools[0]
             d = await rt.queue.acquire(req, tried)
+        else:
+            rt, d = await self._spill(pools, req)
+        pool = rt.config.name
+        rt.budget.on_request()
+        while True:  # retries stay in the pool the request went to
             replica_id = d.replica_id
             assert replica_id is not None
-            replica = self.fleet.replica(replica_id)
+            replica = self.fleet.replica(replica_id, pool)
             started = time.time()
             try:
                 if replica is None:
@@ -323,32 +453,55 @@ class Gateway:
                     resp, out = await self._forward(url, raw, headers, rid)
             except UpstreamFailed as e:
                 now = time.time()
-                self.fleet.finish(replica_id, req.request_id, now)
-                self.fleet.failed(replica_id, now)
+                self.fleet.finish(replica_id, req.request_id, now, pool)
+                self.fleet.failed(replica_id, now, pool)
                 tried = tried | {replica_id}
                 attempt += 1
                 log.info("request %s failed on %s before the first byte: %s", rid, replica_id, e)
                 if attempt > self.gw.max_retries or not self.fleet.views(pool, now, tried):
-                    raise errors.upstream_failed(
-                        f"no replica of pool {pool!r} answered ({attempt} tried; last: {e})"
+                    raise RoutedError(
+                        errors.upstream_failed(
+                            f"no replica of pool {pool!r} answered ({attempt} tried; last: {e})"
+                        ),
+                        pool,
                     ) from None
                 if not rt.budget.try_spend():
                     metrics.RETRY_BUDGET_EXHAUSTED.labels(pool).inc()
-                    raise errors.upstream_failed(
-                        f"replica {replica_id} failed ({e}) and the retry budget is spent"
+                    raise RoutedError(
+                        errors.upstream_failed(
+                            f"replica {replica_id} failed ({e}) and the retry budget is spent"
+                        ),
+                        pool,
                     ) from None
                 metrics.RETRIES.labels(pool, e.reason).inc()
+                try:
+                    d = await rt.queue.acquire(req, tried)
+                except GatewayError as g:
+                    raise RoutedError(g, pool) from None
                 continue
+            except UpstreamTimedOut:
+                # Slow, not failed: no retry, and the replica's failure count stays as it was.
+                self.fleet.finish(replica_id, req.request_id, time.time(), pool)
+                log.warning(
+                    "request %s: no answer from %s within first_byte_timeout_s (%g s)",
+                    rid,
+                    replica_id,
+                    self.gw.first_byte_timeout_s,
+                )
+                raise RoutedError(
+                    upstream_timeout(self.gw.first_byte_timeout_s), pool, replica_id
+                ) from None
             except BaseException:
                 # The client went away (cancellation) or the stream broke after its first byte.
-                self.fleet.finish(replica_id, req.request_id, time.time())
+                self.fleet.finish(replica_id, req.request_id, time.time(), pool)
                 raise
             now = time.time()
-            self.fleet.finish(replica_id, req.request_id, now)
-            self.fleet.succeeded(replica_id)
+            self.fleet.finish(replica_id, req.request_id, now, pool)
+            if not out.broken:  # a stream that broke was counted as the replica's failure
+                self.fleet.succeeded(replica_id, pool)
             self._learn(rt, replica_id, req, out, started, now)
             metrics.child(metrics.REQUESTS, pool, req.model, replica_id, str(out.status)).inc()
-            return resp, replica_id
+            return resp, pool
 
     def _learn(
         self,
@@ -378,7 +531,7 @@ class Gateway:
     # ---- forwarding ---------------------------------------------------------------------------
 
     async def _open(
-        self, url: str, raw: bytes, headers: list[tuple[str, str]]
+        self, url: str, raw: bytes | BytesPayload, headers: list[tuple[str, str]]
     ) -> aiohttp.ClientResponse:
         """Send the request; the caller's Deadline bounds the wait for the response headers."""
         assert self.session is not None
@@ -398,9 +551,10 @@ class Gateway:
     ) -> tuple[web.Response, _Outcome]:
         gw = self.gw
         resp = None
+        body = _SentBody(raw)
         try:
             with Deadline(asyncio.get_running_loop(), gw.first_byte_timeout_s) as deadline:
-                resp = await self._open(url, raw, headers)
+                resp = await self._open(url, body, headers)
                 deadline.push(gw.idle_timeout_s)  # headers are in: the body must not stall
                 try:
                     data = await resp.read()
@@ -408,6 +562,8 @@ class Gateway:
                     raise UpstreamFailed("body", repr(e)) from None
         except TimeoutError:
             if resp is None:
+                if body.sent:  # the replica has it: generating (vLLM answers when done)
+                    raise UpstreamTimedOut() from None
                 raise UpstreamFailed("timeout", "no response headers in time") from None
             raise UpstreamFailed("idle_timeout", "body stalled") from None
         finally:
@@ -495,14 +651,15 @@ class Gateway:
         """Relay the stream chunk by chunk (whatever has arrived, never the whole body); a break
         ends it with an SSE error event."""
         rid = client.headers.get("x-request-id", "")
-        await client.prepare(request)
-        await client.write(first)
         events = first.count(b"data: ")
         usage = _sse_usage(first)
         t_last = t_first
         idle = self.gw.idle_timeout_s
-        writing = False  # what the relay waits on: the replica (reading) or the client
+        writing = True  # what the relay waits on: the client (writing) or the replica
         try:
+            await client.prepare(request)
+            await client.write(first)
+            writing = False
             # One deadline for the whole relay, pushed back per chunk: no timer per chunk.
             with Deadline(asyncio.get_running_loop(), idle) as deadline:
                 while True:
@@ -531,12 +688,53 @@ class Gateway:
                 errors.sse_error_event(f"the model server failed mid-stream: {type(e).__name__}")
             )
             await client.write_eof()
-            self.fleet.failed(replica_id, time.time())
-            return client, _Outcome(200, t_first - t_sent, None, None)
+            self.fleet.failed(replica_id, time.time(), rt.config.name)
+            return client, _Outcome(200, t_first - t_sent, None, None, broken=True)
+        except asyncio.CancelledError:
+            if not self.stopping or not client.prepared:
+                raise  # the client went away (or the shutdown came before any byte: 503)
+            # The shutdown's grace ran out: end the stream well-formed, not cut off.
+            request.task.uncancel()
+            log.info("stream %s ended by the gateway's shutdown", rid)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await client.write(
+                        errors.sse_error_event(
+                            "The gateway is shutting down; the stream was ended early.",
+                            "server_error",
+                            SHUTTING_DOWN,
+                        )
+                    )
+                    await client.write_eof()
+            return client, _Outcome(200, t_first - t_sent, None, None, broken=True)
         await client.write_eof()
         tokens = max(0, events - 2)  # minus the first token's event and [DONE]
         tpot = (t_last - t_first) / tokens if tokens > 0 else None
         return client, _Outcome(200, t_first - t_sent, tpot, usage)
+
+    # ---- shutdown ------------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float, end_s: float = 5.0) -> None:
+        """Let the requests being routed finish for up to `grace_s`, then end the rest: a stream
+        with an SSE error event, a request not answered yet with a 503 (and wait `end_s` for
+        them). Called when the server stops; no new requests come in by then."""
+        if not self._active:
+            return
+        self._idle = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        if not self._active:
+            return
+        log.warning(
+            "shutdown: %d requests still running after %.0f s; ending them",
+            len(self._active),
+            grace_s,
+        )
+        self.stopping = True
+        for task in list(self._active):
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), end_s)
 
     # ---- small request helpers ---------------------------------------------------------------
 
@@ -546,8 +744,12 @@ class Gateway:
             return
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys
+        token = token.strip()
+        # An empty token never matches (the config refuses empty keys; this holds regardless).
+        if (
+            scheme.lower() != "bearer"
+            or not token
+            or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys if k)
         ):
             raise errors.unauthorized()
 
@@ -570,6 +772,51 @@ class Gateway:
             raise errors.bad_request(
                 f"header {PRIORITY_HEADER}: {value!r} is not an integer", PRIORITY_HEADER
             ) from None
+
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+SHUTTING_DOWN = "gateway_shutting_down"
+
+
+def context_length_exceeded(req: RequestFeatures, pool: str, largest: float) -> GatewayError:
+    """The request can never fit: vLLM's (and OpenAI's) answer to a context that is too long."""
+    need = req.prompt_tokens + req.expected_output_tokens
+    return GatewayError(
+        400,
+        f"This request needs about {need} tokens of KV cache ({req.prompt_tokens} in the prompt, "
+        f"{req.expected_output_tokens} in the completion), more than the whole cache of any "
+        f"replica of pool {pool!r} holds ({int(largest)} tokens). Please reduce the length of "
+        "the messages or completion.",
+        "invalid_request_error",
+        None,
+        CONTEXT_LENGTH_EXCEEDED,
+    )
+
+
+def rt_refusal(rt: PoolRuntime, req: RequestFeatures) -> GatewayError:
+    """The pool's refusal of a request too large for it (every pool refused it)."""
+    return rt.queue.refusal(req, frozenset())
+
+
+def upstream_timeout(limit_s: float) -> GatewayError:
+    return GatewayError(
+        504,
+        f"The model server did not answer within {limit_s:g} s (gateway.first_byte_timeout_s). "
+        "For long generations use stream=true, or ask the operator to raise the limit.",
+        "upstream_error",
+        None,
+        "upstream_timeout",
+    )
+
+
+def shutting_down() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway is shutting down; please retry the request.",
+        "server_error",
+        None,
+        SHUTTING_DOWN,
+    )
 
 
 def policy_options(name: str, gw: GatewayConfig) -> dict[str, Any]:
@@ -664,17 +911,30 @@ def _valid_prompt(p: Any) -> bool:
     return False
 
 
+def _dropped(connection: str, drop: frozenset[str]) -> frozenset[str]:
+    """`drop` plus the headers a Connection header names: hop-by-hop too (RFC 9110 7.6.1)."""
+    named = {t.strip().lower() for t in connection.split(",")}
+    return drop if named <= drop else drop | named
+
+
 def upstream_headers(h: Mapping[str, str], rid: str, *, strip_auth: bool) -> list[tuple[str, str]]:
     """The client's headers for the replica: hop-by-hop ones, the gateway's key and its
     x-request-id left out, ours added."""
     drop = _DROP_UP_AUTH if strip_auth else _DROP_UP
+    connection = h.get("Connection")
+    if connection and connection.lower() not in _PLAIN_CONNECTION:
+        drop = _dropped(connection, drop)
     out = [(k, v) for k, v in h.items() if k.lower() not in drop]
     out.append(("x-request-id", rid))
     return out
 
 
 def downstream_headers(resp: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
-    out = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_DOWN}
+    drop = _DROP_DOWN
+    connection = resp.headers.get("Connection")
+    if connection and connection.lower() not in _PLAIN_CONNECTION:
+        drop = _dropped(connection, drop)
+    out = {k: v for k, v in resp.headers.items() if k.lower() not in drop}
     out["x-request-id"] = rid
     return out
 

@@ -13,6 +13,11 @@ Shedding: a full queue evicts its lowest-priority waiter to admit a higher-prior
 refuses the arrival; a negative-priority request is queued only while the queue is under half
 full (it is the first to go when the fleet is saturated); a wait past the limit is refused. Every
 refusal is a 429 with Retry-After.
+
+A request no replica could ever hold (the picker's `EXCEEDS_KV`: its KV need is larger than the
+whole cache of every replica) is not queued at all: it would wait until its timeout and, at the
+head of the line, hold back everyone behind it. It is refused at once with the `too_large` error
+(400 `context_length_exceeded`), on arrival or whenever a drain finds it.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import errors, metrics
+from gateway.errors import GatewayError
 from gateway.estimate import RequestFeatures
 from gateway.picker import Decision
+from gateway.policy import EXCEEDS_KV
 
 # Picks (and reserves) a replica for a request, given replica ids it must not use.
 PickFn = Callable[[RequestFeatures, frozenset[str]], Decision]
@@ -35,6 +42,9 @@ ReleaseFn = Callable[[RequestFeatures, Decision], None]
 # The policy's release order within one priority: (features, arrived wall-clock s, now) -> key,
 # lowest first; e.g. `Headroom.queue_key`.
 QueueKeyFn = Callable[[RequestFeatures, float, float], float]
+# The refusal of a request no replica offered (all but the excluded ones) can ever hold, or None
+# while some replica could.
+TooLargeFn = Callable[[RequestFeatures, frozenset[str]], GatewayError | None]
 
 
 @dataclass(order=True)
@@ -57,11 +67,13 @@ class PoolQueue:
         size: int,
         timeout_s: float,
         queue_key: QueueKeyFn | None = None,
+        too_large: TooLargeFn | None = None,
     ) -> None:
         self.pool = pool
         self.pick = pick
         self.release = release
         self.queue_key = queue_key
+        self.too_large = too_large
         self.size = size
         self.timeout_s = timeout_s
         self._heap: list[_Waiter] = []
@@ -76,14 +88,20 @@ class PoolQueue:
     ) -> Decision:
         """A decision with a reserved replica, after waiting if the pool is saturated.
 
-        Raises GatewayError(429) when the request is shed. Cancelling the caller (the client went
-        away) leaves the queue cleanly; a reservation made in the same instant is handed back
-        through `release`.
+        Raises GatewayError(429) when the request is shed, GatewayError(400) when no replica can
+        ever hold it. Cancelling the caller (the client went away) leaves the queue cleanly; a
+        reservation made in the same instant is handed back through `release`.
         """
         if self._live == 0:
             d = self.pick(req, exclude)
             if d.replica_id is not None:
                 return d
+            if d.reason == EXCEEDS_KV:
+                raise self.refusal(req, exclude)
+        elif self.too_large is not None:  # not picked (others wait first): check it apart
+            err = self.too_large(req, exclude)
+            if err is not None:
+                raise err
         self._admit_or_shed(req.priority)
         loop = asyncio.get_running_loop()
         w = _Waiter(
@@ -134,12 +152,10 @@ class PoolQueue:
                 heapq.heappop(self._heap)
                 continue
             d = self.pick(w.features, w.exclude)
-            if d.replica_id is None:
+            if d.replica_id is None and d.reason != EXCEEDS_KV:
                 return  # head of line still does not fit: nobody behind it jumps ahead
             heapq.heappop(self._heap)
-            self._live -= 1
-            metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
-            w.future.set_result(d)
+            self._answer(w, d)
 
     def _drain_keyed(self, queue_key: QueueKeyFn) -> None:
         """`drain` in the policy's order. The keys are taken once per drain at one `now`: they
@@ -156,11 +172,29 @@ class PoolQueue:
         )
         for w in order:
             d = self.pick(w.features, w.exclude)
-            if d.replica_id is None:
+            if d.replica_id is None and d.reason != EXCEEDS_KV:
                 return  # the first in line still does not fit: nobody behind it jumps ahead
-            self._live -= 1
-            metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
-            w.future.set_result(d)  # left in the heap, answered: dropped lazily
+            self._answer(w, d)  # left in the heap, answered: dropped lazily
+
+    def _answer(self, w: _Waiter, d: Decision) -> None:
+        """A waiter leaves: with its replica, or refused when no replica can ever hold it."""
+        self._live -= 1
+        metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
+        if d.replica_id is None:
+            w.future.set_exception(self.refusal(w.features, w.exclude))
+        else:
+            w.future.set_result(d)
+
+    def refusal(self, req: RequestFeatures, exclude: frozenset[str]) -> GatewayError:
+        """The 400 for a request too large for every replica (the pool's own words if it has
+        them)."""
+        err = self.too_large(req, exclude) if self.too_large is not None else None
+        return err or errors.bad_request(
+            f"This request needs more KV cache than any replica of pool {self.pool!r} holds. "
+            "Please reduce the length of the messages or completion.",
+            None,
+            "context_length_exceeded",
+        )
 
     def retry_after_s(self) -> float:
         return max(1.0, self.timeout_s / 4)

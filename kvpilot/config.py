@@ -107,6 +107,9 @@ class GatewayConfig:
     ttft_target_s: float = 1.0
     ttft_per_1k_tokens_s: float = 0.2
     tpot_target_s: float = 0.1
+    # On SIGTERM requests in progress get this long to finish (under the Deployment's
+    # terminationGracePeriodSeconds, 60); streams still running then end with an SSE error event.
+    shutdown_timeout_s: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,7 @@ def _check(cfg: Config) -> None:
         _check_listen(key, addr)
     _check_controller(cfg)
     gw = cfg.gateway
+    _check_gateway_refs(cfg)
     for key in (
         "connect_timeout_s",
         "first_byte_timeout_s",
@@ -317,6 +321,10 @@ def _check(cfg: Config) -> None:
     ):
         if getattr(gw, key) <= 0:
             raise ConfigError(f"gateway.{key}: {getattr(gw, key)} must be > 0 seconds")
+    if not 0 <= gw.shutdown_timeout_s <= 3600:
+        raise ConfigError(
+            f"gateway.shutdown_timeout_s: {gw.shutdown_timeout_s} must be 0 to 3600 seconds"
+        )
     for key in ("max_retries", "queue_size", "max_body_bytes", "eject_after_failures"):
         if getattr(gw, key) < (0 if key == "max_retries" else 1):
             raise ConfigError(f"gateway.{key}: {getattr(gw, key)} is out of range")
@@ -347,6 +355,25 @@ def _check(cfg: Config) -> None:
             f"agent.scrape_interval_s: {cfg.agent.scrape_interval_s} is out of range; "
             "expected 0.05 to 60 seconds"
         )
+
+
+def _check_gateway_refs(cfg: Config) -> None:
+    """Gateway keys that name URLs, pools and models: each must be one."""
+    gw = cfg.gateway
+    for j, key in enumerate(gw.api_keys):
+        if not key.strip():
+            raise ConfigError(f"gateway.api_keys[{j}]: empty; an API key must not be blank")
+    for j, url in enumerate(gw.agents):
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"gateway.agents[{j}]: {url!r} is not a URL; expected http://host:port"
+            )
+    for name in gw.services:
+        if cfg.pool(name) is None:
+            raise ConfigError(f"gateway.services.{name}: no pool named {name!r} in pools[]")
+    for model in gw.model_priority:
+        if cfg.pool_for_model(model) is None:
+            raise ConfigError(f"gateway.model_priority.{model}: no pool serves model {model!r}")
 
 
 def _check_controller(cfg: Config) -> None:

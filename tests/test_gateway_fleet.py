@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from prometheus_client import REGISTRY
+
+from gateway import metrics
 from gateway.estimate import Estimator
 from gateway.fleet import Endpoint, Fleet
 from kvpilot.signals import ReplicaState
@@ -69,3 +72,58 @@ def test_views_change_with_time_alone_and_keep_the_pools_order() -> None:
     # NOW + 9: r2's unhealthy state is stale too, so r2 is offered (on in-flight counts alone).
     assert [v.replica_id for v in f.views("p", NOW + 9)] == ["r0", "r2", "r3", "r4"]
     assert [v.replica_id for v in f.views("p", NOW + 10)] == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_a_replica_two_pools_list_is_accounted_and_ejected_per_pool() -> None:
+    """One model server in two pools: each pool keeps its own failures, ejection and in-flight
+    count; the server's ledger account (its load) is shared by both pools' views."""
+    f = Fleet(stale_after_s=5.0, eject_after=1, eject_for_s=10.0)
+    f.set_endpoints("a", [Endpoint(f"r{i}", f"http://10.0.0.{i}:8000") for i in range(2)])
+    f.set_endpoints("b", [Endpoint("r0", "http://10.0.0.0:8000")])
+    req = Estimator().features("q1", "m", "hello", 8)
+    f.start("r0", req, NOW, "a")
+    ra, rb = f.replica("r0", "a"), f.replica("r0", "b")
+    assert ra is not None and rb is not None and ra is not rb
+    assert (ra.inflight, rb.inflight) == (1, 0)
+    assert {v.replica_id: v for v in f.views("b", NOW)}["r0"].inflight.requests == 1
+    assert f.failed("r0", NOW, "a")  # out of pool a's rotation, still in pool b's
+    assert [v.replica_id for v in f.views("a", NOW)] == ["r1"]
+    assert [v.replica_id for v in f.views("b", NOW)] == ["r0"]
+    f.finish("r0", "q1", NOW, "a")
+    assert (ra.inflight, rb.inflight) == (0, 0)
+    f.observe_state(state(0, NOW))  # the server's state reaches both records
+    assert ra.state is not None and ra.state is rb.state
+
+
+def test_at_most_half_of_a_pool_is_ejected_at_once() -> None:
+    f = fleet(5)  # eject_after 1
+    assert f.failed("r0", NOW) and f.failed("r1", NOW)
+    assert not f.failed("r2", NOW)  # 2 of 5 out already: r2 keeps serving
+    assert [v.replica_id for v in f.views("p", NOW)] == ["r2", "r3", "r4"]
+    assert f.failed("r2", NOW + 11)  # the others came back: now it can go
+    one = fleet(1)
+    assert not one.failed("r0", NOW)  # a pool of one keeps its replica
+    assert [v.replica_id for v in one.views("p", NOW)] == ["r0"]
+
+
+def test_a_replica_that_leaves_is_forgotten_by_ledger_metrics_and_policy() -> None:
+    left: list[tuple[str, str]] = []
+    f = Fleet(stale_after_s=5.0, eject_after=1, on_leave=lambda p, r: left.append((p, r)))
+    f.set_endpoints("p", [Endpoint(f"r{i}", f"http://10.0.0.{i}:8000") for i in range(3)])
+    f.set_endpoints("q", [Endpoint("r2", "http://10.0.0.2:8000")])
+    est = Estimator()
+    for i in range(3):
+        f.start(f"r{i}", est.features(f"q{i}", "m", "hello", 8), NOW, "p")
+    assert f.failed("r1", NOW, "p")
+    series = ("kvpilot_gateway_inflight_requests", "kvpilot_gateway_ejections_total")
+    assert REGISTRY.get_sample_value(series[0], {"pool": "p", "replica": "r1"}) == 1.0
+    f.set_endpoints("p", [Endpoint("r0", "http://10.0.0.0:8000")])
+    assert sorted(left) == [("p", "r1"), ("p", "r2")]
+    # r1 is gone everywhere; r2 still serves pool q, so its account (the server's load) stays
+    assert sorted(f.ledger.replicas()) == ["r0", "r2"]
+    for name in series:
+        for rid in ("r1", "r2"):
+            assert REGISTRY.get_sample_value(name, {"pool": "p", "replica": rid}) is None
+    assert not any(k[1:3] == ("p", "r1") for k in metrics._children)
+    f.finish("r1", "q1", NOW)  # an answer that comes back after it left changes nothing
+    assert REGISTRY.get_sample_value(series[0], {"pool": "p", "replica": "r1"}) is None

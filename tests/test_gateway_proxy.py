@@ -64,6 +64,8 @@ class Upstream:
             return web.Response()
         if self.mode == "stall":  # never answers: no headers, no byte
             await asyncio.sleep(3600)
+        if self.mode == "hold":  # answers only once `release` is set (a long generation)
+            await self.release.wait()
         if not body.get("stream"):
             if self.mode == "stall-body":  # headers and half the body, then nothing
                 data = orjson.dumps(_completion(self.name, chat))
@@ -399,15 +401,13 @@ async def test_stream_broken_after_first_byte_ends_with_sse_error() -> None:
         await client.close()
 
 
-async def test_first_byte_timeout_retries_elsewhere() -> None:
+async def test_first_byte_timeout_retries_a_stream_elsewhere() -> None:
     async with running("stall", "ok") as ups:
         before = sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout")
         cfg = config([u.url for u in ups], first_byte_timeout_s=0.6, eject_after_failures=100)
         async with run_gateway(cfg, port=0) as base:
             client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
             for i in range(4):  # round-robin: two of these start on the stalled replica
-                r = await client.completions.create(model=MODEL, prompt=f"hi {i}")
-                assert r.choices[0].text == "r1"
                 parts = [
                     ev.choices[0].text
                     async for ev in await client.completions.create(
@@ -418,6 +418,27 @@ async def test_first_byte_timeout_retries_elsewhere() -> None:
             await client.close()
     assert ups[0].hits >= 2
     assert sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout") >= before + 2
+
+
+async def test_a_slow_non_streaming_answer_is_504_not_a_replica_failure() -> None:
+    """vLLM sends a non-streamed answer's headers only when it is complete: a long generation
+    past first_byte_timeout_s is slow, not failed. It is answered 504, not run again on the other
+    replicas, and ejects nobody (the audit's repro ejected all three and answered 502)."""
+    async with running("stall", "stall", "stall") as ups:
+        retries = sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout")
+        cfg = config([u.url for u in ups], first_byte_timeout_s=0.3, eject_after_failures=1)
+        async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "write a long story", "max_tokens": 2000}
+            for _ in range(2):
+                async with s.post(f"{base}/completions", json=body) as r:
+                    assert r.status == 504
+                    err = (await r.json())["error"]
+                    assert err["code"] == "upstream_timeout" and err["type"] == "upstream_error"
+            async with s.get(base.removesuffix("/v1") + "/debug/fleet") as r:
+                fleet = (await r.json())["pools"]["llama"]
+    assert sum(u.hits for u in ups) == 2  # each request went to one replica, once
+    assert not any(rep["ejected"] for rep in fleet)
+    assert sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout") == retries
 
 
 async def test_body_stalled_after_headers_is_an_idle_timeout() -> None:

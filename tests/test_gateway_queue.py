@@ -12,13 +12,16 @@ from typing import Any
 
 import pytest
 
+from gateway import errors
 from gateway.errors import GatewayError
 from gateway.estimate import Estimator, RequestFeatures
 from gateway.fleet import Fleet
-from gateway.picker import Decision, Headroom, make_policy
+from gateway.picker import Decision, Headroom, ReplicaView, make_policy
+from gateway.policy import EXCEEDS_KV
 from gateway.proxy import Gateway
 from gateway.queue import PoolQueue
 from kvpilot.config import ConfigError, GatewayConfig, parse_config
+from kvpilot.signals import ReplicaState
 
 
 class Slots:
@@ -296,3 +299,98 @@ def test_slo_defaults_match_the_picker_and_bad_values_are_refused() -> None:
     for key, bad in (("ttft_target_s", 0), ("tpot_target_s", -1), ("ttft_per_1k_tokens_s", -0.1)):
         with pytest.raises(ConfigError, match=f"gateway.{key}"):
             gateway_config(**{key: bad})
+
+
+# ---- a request no replica can ever hold is refused, not queued ---------------------------------
+
+
+def kv_views(n: int, blocks: int = 2000, at: float = 1_000.0) -> list[ReplicaView]:
+    """Idle replicas with a KV cache of `blocks` x 16 tokens (32,000 by default)."""
+    return [
+        ReplicaView(
+            f"r{i}",
+            ReplicaState(
+                replica_id=f"r{i}",
+                address=f"http://r{i}",
+                pool="p",
+                kv_blocks_total=blocks,
+                kv_block_size=16,
+                observed_at=at,
+            ),
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def test_headroom_says_when_a_request_exceeds_every_whole_cache() -> None:
+    h = Headroom(queue_when_saturated=True)
+    views = kv_views(3)
+    huge = EST.features("huge", "m", "x" * 200_000, 16)  # ~50k tokens > 32k of cache anywhere
+    assert huge.prompt_tokens + huge.expected_output_tokens > 32_000
+    d = h.pick(huge, views, 1_000.0)
+    assert d.replica_id is None and d.reason == EXCEEDS_KV
+    assert h.exceeds_kv_capacity(huge, views, 1_000.0) == 32_000
+    # One replica with a cache that holds it (when empty): it waits for room as before.
+    bigger = views[:2] + kv_views(1, blocks=8000)[:1]
+    bigger[2] = dataclasses.replace(bigger[2], replica_id="big")
+    assert h.exceeds_kv_capacity(huge, bigger, 1_000.0) is None
+    small = EST.features("small", "m", "hello", 16)
+    assert h.pick(small, views, 1_000.0).replica_id is not None
+    assert h.exceeds_kv_capacity(small, views, 1_000.0) is None
+    # A cache of unknown size may hold it: never refused on a guess.
+    assert h.exceeds_kv_capacity(huge, kv_views(2, blocks=0), 1_000.0) is None
+
+
+async def test_a_request_too_large_for_every_replica_is_refused_at_once_not_queued() -> None:
+    """The audit's repro: the huge request sat at the head of the queue until its timeout and
+    held back every small request behind it. Now it is answered 400 at once, whether it arrives
+    to an empty queue or behind waiters, or is found at the head by a drain."""
+    h = Headroom(queue_when_saturated=True)
+    replicas = kv_views(3)
+    busy = {"on": False}
+
+    def pick(req: RequestFeatures, exclude: frozenset[str]) -> Decision:
+        if busy["on"] and req.request_id.startswith("s"):
+            return Decision(None, "saturated")
+        return h.pick(req, replicas, 1_000.0)
+
+    def too_large(req: RequestFeatures, exclude: frozenset[str]) -> GatewayError | None:
+        largest = h.exceeds_kv_capacity(req, replicas, 1_000.0)
+        return (
+            None
+            if largest is None
+            else errors.bad_request("too long", None, "context_length_exceeded")
+        )
+
+    q = PoolQueue("p", pick, lambda r, d: None, size=8, timeout_s=30, too_large=too_large)
+    huge = EST.features("huge", "m", "x" * 200_000, 16)
+    with pytest.raises(GatewayError) as e:
+        await q.acquire(huge)  # the queue is empty: the pick itself says so
+    assert (e.value.status, e.value.code) == (400, "context_length_exceeded") and len(q) == 0
+    busy["on"] = True
+    small = asyncio.create_task(q.acquire(EST.features("s1", "m", "hello", 16)))
+    await asyncio.sleep(0)
+    assert len(q) == 1
+    with pytest.raises(GatewayError) as e:
+        await q.acquire(huge)  # behind a waiter: checked apart, not queued
+    assert e.value.code == "context_length_exceeded" and len(q) == 1
+    busy["on"] = False
+    q.drain()
+    assert (await small).replica_id is not None
+
+    # Without the check on arrival (a plain queue) a drain that finds it refuses it and goes
+    # on to the requests behind it.
+    q2 = PoolQueue("p", pick, lambda r, d: None, size=8, timeout_s=30)
+    busy["on"] = True
+    first = asyncio.create_task(q2.acquire(EST.features("s0", "m", "hello", 16)))
+    await asyncio.sleep(0)
+    stuck = asyncio.create_task(q2.acquire(huge))
+    behind = asyncio.create_task(q2.acquire(EST.features("s2", "m", "hello", 16)))
+    await asyncio.sleep(0)
+    assert len(q2) == 3
+    busy["on"] = False
+    q2.drain()
+    assert (await first).replica_id is not None and (await behind).replica_id is not None
+    with pytest.raises(GatewayError) as e:
+        await stuck
+    assert e.value.code == "context_length_exceeded" and len(q2) == 0

@@ -1,0 +1,189 @@
+"""Several pools: a model only a later pool serves, a model several pools list (spill-over), a
+model server two pools share, and requests no replica of a pool can ever hold.
+
+Real HTTP on 127.0.0.1 against the small upstreams of tests/test_gateway_proxy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.app import run_gateway
+from gateway.estimate import Estimator
+from gateway.fleet import Endpoint, Fleet
+from gateway.proxy import Gateway
+from kvpilot.config import parse_config
+from tests.test_gateway_proxy import MODEL, running, sample
+
+
+def pools_config(pools: list[dict[str, Any]], **gateway: Any) -> Any:
+    gw = {"policy": "round-robin", "scrape_fallback": False}
+    gw.update(gateway)
+    return parse_config({"pools": pools, "gateway": gw})
+
+
+async def fleet_view(base: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(base.removesuffix("/v1") + "/debug/fleet") as r:
+        return await r.json()  # type: ignore[no-any-return]
+
+
+async def test_a_model_of_the_second_pool_goes_to_its_replicas() -> None:
+    async with running("ok", "ok") as ups:
+        cfg = pools_config(
+            [
+                {"name": "llama", "models": [MODEL], "endpoints": [ups[0].url]},
+                {"name": "qwen", "models": ["qwen-7b"], "endpoints": [ups[1].url]},
+            ]
+        )
+        before = sample(
+            "kvpilot_gateway_requests_total",
+            pool="qwen", model="qwen-7b", replica=ups[1].url, code="200",
+        )  # fmt: skip
+        async with run_gateway(cfg, port=0) as base:
+            client = openai.AsyncOpenAI(base_url=base, api_key="none")
+            for _ in range(3):
+                r = await client.completions.create(model="qwen-7b", prompt="hi")
+                assert r.choices[0].text == "r1"
+            await client.close()
+        after = sample(
+            "kvpilot_gateway_requests_total",
+            pool="qwen", model="qwen-7b", replica=ups[1].url, code="200",
+        )  # fmt: skip
+    assert [u.hits for u in ups] == [0, 3]
+    assert after == before + 3
+
+
+async def test_a_model_two_pools_list_spills_over_when_the_first_is_saturated() -> None:
+    """Pool a (headroom) is busy with a long prompt's prefill: the next request goes to pool b
+    at once rather than waiting; once a has room again it is the first choice again."""
+    async with running("hold", "ok") as ups:
+        cfg = pools_config(
+            [
+                {"name": "a", "models": [MODEL], "endpoints": [ups[0].url], "policy": "headroom"},
+                {"name": "b", "models": [MODEL], "endpoints": [ups[1].url]},
+            ]
+        )
+        async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+            long = {"model": MODEL, "prompt": "word " * 40_000, "max_tokens": 8}
+            holder = asyncio.create_task(s.post(f"{base}/completions", json=long))
+            for _ in range(200):  # bounded: until pool a's replica has it
+                if ups[0].hits:
+                    break
+                await asyncio.sleep(0.01)
+            small = {"model": MODEL, "prompt": "hi", "max_tokens": 8}
+            async with s.post(f"{base}/completions", json=small) as r:
+                assert r.status == 200
+                assert (await r.json())["choices"][0]["text"] == "r1"  # pool b's replica
+            ups[0].release.set()
+            async with await holder as r:
+                assert (await r.json())["choices"][0]["text"] == "r0"
+            async with s.post(f"{base}/completions", json=small) as r:
+                assert (await r.json())["choices"][0]["text"] == "r0"  # a first again
+    assert ups[0].hits == 2 and ups[1].hits == 1
+
+
+async def test_when_every_pool_is_saturated_the_request_waits_in_the_first() -> None:
+    cfg = pools_config(
+        [{"name": "a", "models": [MODEL]}, {"name": "b", "models": [MODEL]}],
+        queue_timeout_s=0.2,
+    )
+    shed = {p: sample("kvpilot_gateway_shed_total", pool=p, reason="queue_timeout") for p in "ab"}
+    body = {"model": MODEL, "prompt": "hi"}
+    async with (
+        run_gateway(cfg, port=0) as base,
+        aiohttp.ClientSession() as s,
+        s.post(f"{base}/completions", json=body) as r,
+    ):
+        assert r.status == 429
+    assert sample("kvpilot_gateway_shed_total", pool="a", reason="queue_timeout") == shed["a"] + 1
+    assert sample("kvpilot_gateway_shed_total", pool="b", reason="queue_timeout") == shed["b"]
+
+
+async def test_a_replica_two_pools_share_fails_and_is_ejected_in_its_own_pool() -> None:
+    """Streams that break after their first byte count against the replica (they were reset
+    by the success bookkeeping before), and only in the pool whose requests failed."""
+    async with running("break", "ok") as ups:
+        cfg = pools_config(
+            [
+                {"name": "llama", "models": [MODEL], "endpoints": [ups[0].url, ups[1].url]},
+                {"name": "other", "models": ["qwen-7b"], "endpoints": [ups[0].url]},
+            ],
+            eject_after_failures=2,
+            eject_for_s=60,
+        )
+        async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+            for _ in range(8):
+                body = {"model": MODEL, "prompt": "hi", "stream": True}
+                async with s.post(f"{base}/completions", json=body) as r:
+                    await r.read()
+            pools = (await fleet_view(base))["pools"]
+        urls = [u.url for u in ups]
+    ejected = {p: {x["url"]: x["ejected"] for x in reps} for p, reps in pools.items()}
+    assert ejected["llama"] == {urls[0]: True, urls[1]: False}
+    assert ejected["other"] == {urls[0]: False}
+    assert ups[0].hits == 2  # two broken streams, then out of pool llama's rotation
+
+
+# ---- requests no replica can ever hold --------------------------------------------------------
+
+HUGE = "word " * 40_000  # ~50k tokens: more than an L4's whole KV cache for llama-3.1-8b (~27k)
+
+
+async def test_a_prompt_larger_than_every_replicas_cache_is_400_context_length_exceeded() -> None:
+    async with running("ok") as (up,):
+        cfg = pools_config(
+            [{"name": "l4", "models": [MODEL], "endpoints": [up.url], "accelerator": "nvidia-l4"}],
+            policy="headroom",
+        )
+        async with run_gateway(cfg, port=0) as base:
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.completions.create(model=MODEL, prompt=HUGE, max_tokens=16)
+            assert info.value.code == "context_length_exceeded"
+            r = await client.completions.create(model=MODEL, prompt="hi", max_tokens=16)
+            assert r.choices[0].text == "r0"
+            await client.close()
+    assert up.hits == 1
+
+
+async def test_a_prompt_too_large_for_the_first_pool_goes_to_one_that_holds_it() -> None:
+    async with running("ok", "ok") as ups:
+        cfg = pools_config(
+            [
+                {"name": "l4", "models": [MODEL], "endpoints": [ups[0].url],
+                 "accelerator": "nvidia-l4"},
+                {"name": "h100", "models": [MODEL], "endpoints": [ups[1].url],
+                 "accelerator": "nvidia-h100-80gb"},
+            ],
+            policy="headroom",
+        )  # fmt: skip
+        async with run_gateway(cfg, port=0) as base:
+            client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)
+            r = await client.completions.create(model=MODEL, prompt=HUGE, max_tokens=16)
+            assert r.choices[0].text == "r1"
+            await client.close()
+    assert [u.hits for u in ups] == [0, 1]
+
+
+def test_a_replica_leaving_is_forgotten_by_its_pools_policy() -> None:
+    cfg = pools_config(
+        [{"name": "p", "models": ["m"], "endpoints": ["http://10.0.0.1:8000"]}],
+        policy="headroom",
+    )
+    fleet = Fleet()
+    g = Gateway(cfg, fleet)
+    fleet.set_endpoints("p", [Endpoint("r0", "http://10.0.0.0:8000")])
+    req = Estimator().features("q1", "m", "A long shared document. " * 40, 16)
+    d = g._pick(g.pools["p"], req, frozenset())
+    assert d.replica_id == "r0"
+    index = g.pools["p"].policy.index
+    assert index is not None and index.match(req.prefix_hashes) != {}
+    assert fleet.ledger.replicas() == ["r0"]
+    fleet.set_endpoints("p", [Endpoint("r1", "http://10.0.0.1:8000")])
+    assert index.match(req.prefix_hashes) == {}  # headroom's prefix index dropped it
+    assert fleet.ledger.replicas() == []
