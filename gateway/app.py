@@ -203,12 +203,15 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
-        """Ready once every pool's discovery has reported and some pool has a pickable replica."""
+        """Ready once every pool's discovery has reported. A pool without replicas is a state
+        the gateway serves (it holds the requests: scale from zero), not a reason to leave the
+        Service: every gateway sees the same fleet, and with all of them unready nothing would
+        reach one to be held, so nothing would scale the pool up."""
         now = time.time()
         pools = [p.name for p in gateway.cfg.pools]
         unsynced = [p for p in pools if p not in fleet.synced]
         pickable = {p: len(fleet.views(p, now)) for p in pools}
-        ok = not unsynced and any(pickable.values())
+        ok = not unsynced
         body = {"ready": ok, "unsynced": unsynced, "replicas": pickable}
         return web.Response(
             status=200 if ok else 503, body=orjson.dumps(body), content_type="application/json"
@@ -284,18 +287,9 @@ async def apply_config(app: web.Application, cfg: Config) -> None:
     gateway = app[GATEWAY]
     old_pools = {p.name for p in gateway.cfg.pools}
     gateway.configure(cfg)
-    await app[DISCOVERY].stop()
+    await app[DISCOVERY].restart(cfg.pools, cfg.gateway.services)  # old watches end first
     for name in old_pools - {p.name for p in cfg.pools}:
         gateway.fleet.drop_pool(name)
-    discovery = Discovery(
-        cfg.pools,
-        gateway.fleet,
-        kubernetes=cfg.gateway.kubernetes,
-        services=cfg.gateway.services,
-        api_client=app[DISCOVERY].api_client if app[DISCOVERY].kubernetes else None,
-    )
-    app[DISCOVERY] = discovery
-    await discovery.start()
 
 
 async def start_gateway(

@@ -166,9 +166,9 @@ class Discovery:
     """Runs one EndpointSlice watch per pool (Kubernetes) or loads the static endpoints.
 
     The API client is either given (the caller closes it) or made in `start()`; a client made
-    here is closed in `stop()` and forgotten (`api_client` back to None), so a config reload
-    that hands `api_client` to the next Discovery hands it None, never a closed client, and the
-    next one makes its own."""
+    here is closed in `stop()` and forgotten (`api_client` back to None), so whoever hands
+    `api_client` on after a stop hands None, never a closed client. A config reload calls
+    `restart()`, which keeps the client."""
 
     def __init__(
         self,
@@ -202,6 +202,15 @@ class Discovery:
             service = self.services.get(pool.name, pool.name)
             w = EndpointSliceWatch(self.api_client, pool, service, self.fleet)
             self._tasks.append(asyncio.create_task(w.run(), name=f"endpointslices {pool.name}"))
+
+    async def restart(
+        self, pools: tuple[PoolConfig, ...], services: Mapping[str, str] | None = None
+    ) -> None:
+        """A config reload: the new pools' watches (or static endpoints) on the same client."""
+        await cancel_and_wait(*self._tasks)
+        self._tasks.clear()
+        self.pools, self.services = pools, dict(services or {})
+        await self.start()
 
     async def stop(self) -> None:
         await cancel_and_wait(*self._tasks)

@@ -558,7 +558,8 @@ async def test_loop_placeholders_for_headroom(cluster: Any) -> None:
 # --- scale from zero: the gateway holds a request, the controller reads it from the gateway ----
 
 from controller.demand import GatewayDemand, PoolDemand  # noqa: E402
-from gateway.app import run_gateway  # noqa: E402
+from gateway.app import apply_config, start_gateway  # noqa: E402
+from tests.modelservers import start_modelserver, stop  # noqa: E402
 
 
 def zero_config(endpoints: list[str]) -> Any:
@@ -580,11 +581,13 @@ def zero_config(endpoints: list[str]) -> Any:
     )
 
 
-async def test_held_request_scales_a_pool_up_from_zero(cluster: Any) -> None:
+async def test_held_request_scales_a_pool_up_from_zero_and_is_served(cluster: Any) -> None:
     k8s, api = cluster
     k8s.objects[DEPLOY, "ml", "llama"] = workload("llama", 0)
     cfg = zero_config([])  # no replica: the gateway holds what arrives
-    async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+    runner, base = await start_gateway(cfg, port=0)
+    server = None
+    async with aiohttp.ClientSession() as s:
         root = base.removesuffix("/v1")
         demand = GatewayDemand([root], s)
         ctl = Controller(cfg, KubeActuator(KubeScaler(api, FAST)), list, demand=demand)
@@ -601,10 +604,21 @@ async def test_held_request_scales_a_pool_up_from_zero(cluster: Any) -> None:
             d = (await ctl.tick())["llama"]
             assert (d.current, d.desired) == (0, 1) and "from zero" in d.reason
             assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 1
+            # The replica the Deployment now runs comes up (a real modelserver) and the gateway
+            # learns of it (here by a config reload; in a cluster, its EndpointSlice): the
+            # request it held all along is answered.
+            server, url = start_modelserver()
+            await apply_config(runner.app, zero_config([url]))
+            r = await asyncio.wait_for(held, 20)
+            assert r.status == 200
+            assert (await r.json())["usage"]["completion_tokens"] == 4
         finally:
             held.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await held
+            if server is not None:
+                stop(server)
+            await runner.cleanup()
 
 
 async def test_gateways_that_do_not_answer_leave_the_controller_on_agent_states(

@@ -78,8 +78,9 @@ def test_the_controller_reads_every_gateway_pod(docs: list[dict]) -> None:
 def test_the_controller_reads_unready_gateways_but_clients_only_ready_ones(
     docs: list[dict],
 ) -> None:
-    """With every pool at zero no gateway is ready (/readyz), yet the requests they hold are
-    what scales a pool up from zero: the controller's headless Service lists unready pods."""
+    """The requests gateways hold are what scales a pool up from zero: the controller's headless
+    Service lists gateway pods whether or not they are ready (one still starting, or whose
+    discovery has not synced, may already hold requests)."""
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     assert services["kvpilot-gateway-pods"]["spec"]["publishNotReadyAddresses"] is True
     assert not services["kvpilot-gateway"]["spec"].get("publishNotReadyAddresses", False)

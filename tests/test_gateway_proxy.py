@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
+from controller.kube import api_client
 from gateway.app import run_gateway
 from kvpilot.config import parse_config
 
@@ -303,19 +304,36 @@ async def test_models_health_ready_metrics(upstreams: list[Upstream]) -> None:
         assert name in text
 
 
-async def test_readyz_is_503_without_replicas() -> None:
-    cfg = parse_config(
-        {
-            "pools": [{"name": "empty", "models": [MODEL]}],
-            "gateway": {"scrape_fallback": False},
-        }
+async def test_readyz_waits_for_discovery_not_for_replicas() -> None:
+    # A pool at zero replicas is served (requests are held for it): ready.
+    empty = parse_config(
+        {"pools": [{"name": "empty", "models": [MODEL]}], "gateway": {"scrape_fallback": False}}
     )
     async with (
-        run_gateway(cfg, port=0) as base,
+        run_gateway(empty, port=0) as base,
         aiohttp.ClientSession() as s,
         s.get(base.removesuffix("/v1") + "/readyz") as r,
     ):
-        assert r.status == 503
+        assert r.status == 200
+        assert await r.json() == {"ready": True, "unsynced": [], "replicas": {"empty": 0}}
+    # Discovery that has not listed the pool's EndpointSlices yet (no API server answers): not.
+    kube = parse_config(
+        {
+            "pools": [{"name": "k", "models": [MODEL], "namespace": "ml"}],
+            "gateway": {"kubernetes": True, "scrape_fallback": False},
+        }
+    )
+    api = api_client("http://127.0.0.1:9")  # nothing listens there
+    try:
+        async with (
+            run_gateway(kube, port=0, kube_api_client=api) as base,
+            aiohttp.ClientSession() as s,
+            s.get(base.removesuffix("/v1") + "/readyz") as r,
+        ):
+            assert r.status == 503
+            assert (await r.json())["unsynced"] == ["k"]
+    finally:
+        await api.close()
 
 
 async def test_api_keys_required_and_not_forwarded(upstreams: list[Upstream]) -> None:
