@@ -227,7 +227,12 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
         return resp
 
     async def fleet_view(request: web.Request) -> web.Response:
-        """What the gateway believes about each replica (for people and tests, not for scripts)."""
+        """What the gateway believes about each replica (for people and tests, not for scripts).
+        It names the replicas' addresses: behind the API keys when the gateway has some."""
+        try:
+            gateway.check_auth(request)
+        except errors.GatewayError as e:
+            return e.response()
         now = time.time()
         pools = {}
         for name, reps in fleet.pools.items():

@@ -104,6 +104,10 @@ class Fleet:
         self.on_leave = on_leave  # (pool, replica id): it left that pool (its policy forgets it)
         self.synced: set[str] = set()  # pools whose discovery has reported at least once
         self.profiles: dict[str, RateSeed | None] = {}  # pool -> speed seed for its replicas
+        # (pool, accelerator a replica's state reports) -> its speed seed, for pools that mix
+        # GPU types; it must hand back the same object for the same pair (views compare by
+        # identity). Set by the gateway; None: the pool's seed for every replica.
+        self.seed_for: Callable[[str, str], RateSeed | None] | None = None
         self._views: dict[str, _PoolViews] = {}
         # With several gateway workers: the others' in-flight totals (gateway/peers.py), and per
         # replica the (own, peers', summed) totals last handed out, so a view's InFlight stays the
@@ -235,6 +239,8 @@ class Fleet:
                 state, until = None, math.inf  # too old to trust: route on in-flight counts alone
             elif not state.healthy:
                 return None, until  # its agent says it stopped answering
+        if state is not None and state.accelerator and self.seed_for is not None:
+            profile = self.seed_for(r.pool, state.accelerator) or profile
         inflight = self._inflight(r.replica_id)
         if (
             v is None

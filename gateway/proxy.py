@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import itertools
 import logging
@@ -226,6 +227,8 @@ class Gateway:
                 rt.policy.keep_journal()
             self.pools[pool.name] = rt
         self.fleet.profiles = {p.name: pool_profile(p) for p in cfg.pools}
+        self._seeds: dict[tuple[str, str], RateSeed | None] = {}
+        self.fleet.seed_for = self._seed_for
         listed: dict[str, list[PoolRuntime]] = {}
         for pool in cfg.pools:
             for m in pool.models:
@@ -239,6 +242,19 @@ class Gateway:
 
     def models(self) -> list[str]:
         return list(self.model_pools)
+
+    def _seed_for(self, pool: str, accelerator: str) -> RateSeed | None:
+        """The speed seed of a replica whose state reports its GPU (a pool may mix L4s and
+        H100s): once per pool and GPU type, None where the pool's accelerator already says it
+        or no profile is known (the pool's seed then stands)."""
+        key = (pool, accelerator)
+        if key not in self._seeds:
+            rt = self.pools.get(pool)
+            seed = None
+            if rt is not None and rt.config.accelerator != accelerator:
+                seed = pool_profile(dataclasses.replace(rt.config, accelerator=accelerator))
+            self._seeds[key] = seed
+        return self._seeds[key]
 
     def _replica_left(self, pool: str, replica_id: str) -> None:
         """The fleet dropped a replica from a pool: its policy forgets what it held about it."""

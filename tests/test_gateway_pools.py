@@ -18,7 +18,10 @@ from gateway.estimate import Estimator
 from gateway.fleet import Endpoint, Fleet
 from gateway.proxy import Gateway
 from kvpilot.config import parse_config
+from kvpilot.signals import ReplicaState
 from tests.test_gateway_proxy import MODEL, running, sample
+
+NOW = 1_000.0
 
 
 def pools_config(pools: list[dict[str, Any]], **gateway: Any) -> Any:
@@ -187,3 +190,37 @@ def test_a_replica_leaving_is_forgotten_by_its_pools_policy() -> None:
     fleet.set_endpoints("p", [Endpoint("r1", "http://10.0.0.1:8000")])
     assert index.match(req.prefix_hashes) == {}  # headroom's prefix index dropped it
     assert fleet.ledger.replicas() == []
+
+
+def test_a_pool_mixing_gpu_types_seeds_each_replica_from_the_gpu_its_state_reports() -> None:
+    """The demo's pool: one H100 and two L4s, no single `accelerator`. Each replica's speed seed
+    comes from the GPU its agent reports, the same object for the same GPU (views compare by
+    identity), and a pool that names its accelerator keeps that seed."""
+    cfg = parse_config(
+        {
+            "pools": [
+                {"name": "mixed", "models": [MODEL], "endpoints": ["http://a:1", "http://b:1"]},
+                {"name": "l4s", "models": ["qwen-7b"], "accelerator": "nvidia-l4",
+                 "endpoints": ["http://c:1"]},
+            ]
+        }
+    )  # fmt: skip
+    fleet = Fleet()
+    gw = Gateway(cfg, fleet)
+    fleet.set_endpoints("mixed", [Endpoint("a", "http://a:1"), Endpoint("b", "http://b:1")])
+    fleet.set_endpoints("l4s", [Endpoint("c", "http://c:1")])
+    for rid, url, pool, gpu in [
+        ("a", "http://a:1", "mixed", "nvidia-h100-80gb"),
+        ("b", "http://b:1", "mixed", "nvidia-l4"),
+        ("c", "http://c:1", "l4s", "nvidia-l4"),
+    ]:
+        fleet.observe_state(
+            ReplicaState(replica_id=rid, address=url, pool=pool, accelerator=gpu, observed_at=NOW)
+        )
+    views = {v.replica_id: v for v in fleet.views("mixed", NOW)}
+    h100, l4 = views["a"].profile, views["b"].profile
+    assert h100 is not None and l4 is not None
+    assert h100.prefill_tokens_per_s > 2 * l4.prefill_tokens_per_s  # an H100 prefills faster
+    assert gw._seed_for("mixed", "nvidia-l4") is l4  # cached: one object per pool and GPU
+    (c,) = fleet.views("l4s", NOW)
+    assert c.profile is fleet.profiles["l4s"]  # the pool's own accelerator: its seed stands

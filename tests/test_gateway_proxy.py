@@ -347,6 +347,14 @@ async def test_api_keys_required_and_not_forwarded(upstreams: list[Upstream]) ->
         assert r.choices[0].text == "r0"
         await bad.close()
         await good.close()
+        # /debug/fleet names the replicas' addresses: behind the keys too.
+        root = base.removesuffix("/v1")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{root}/debug/fleet") as r:
+                assert r.status == 401
+            hdr = {"Authorization": "Bearer k1"}
+            async with s.get(f"{root}/debug/fleet", headers=hdr) as r:
+                assert r.status == 200
     assert upstreams[0].hits == 1
     assert "authorization" not in {k.lower() for k in upstreams[0].headers[0]}
 
