@@ -26,14 +26,19 @@ class KubeActuator:
     async def get_replicas(self, t: PoolTarget) -> int:
         return await self.scaler.get_replicas(t.scaling.kind, t.pool.namespace, t.workload)
 
-    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> None:
+    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> bool:
         try:
-            await self.scaler.set_replicas(
+            before = await self.scaler.set_replicas(
                 t.scaling.kind, t.pool.namespace, t.workload, replicas, expect=d.current
             )
         except SizeChanged as e:  # someone else scaled since the read: decide again next tick
             log.info("pool %s: not scaled: %s", t.name, e)
-            return
+            return False
+        if before == replicas:
+            # Already there when written (someone else's scale; rarely our own PUT that timed
+            # out after it applied): no Event claiming a change this controller made.
+            log.info("pool %s: already at %d replicas", t.name, replicas)
+            return False
         # The reason and sizes are the decision's: a write that timed out but was applied
         # re-reads as already done, and must not be reported as "4 -> 4".
         reason = "ScaledUp" if replicas > d.current else "ScaledDown"
@@ -47,6 +52,7 @@ class KubeActuator:
             )
         except Exception as e:  # the scale happened; a lost Event must not undo or repeat it
             log.warning("event for %s not recorded: %s", t.name, e)
+        return True
 
 
 @dataclass

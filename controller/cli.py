@@ -124,19 +124,25 @@ async def _stack(
                 ),  # fmt: skip
                 api=api,  # reads GPU nodes and Pending pods
             )
-        leader = None
+        leader = lease_left = None
         if c.leader_election:
             identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
             elector = LeaderElector(
                 api, c.lease_namespace, c.lease_name, identity, lease_duration_s=c.lease_duration_s
             )
-            leader = elector.leader
-            stop_renewing = asyncio.Event()
-            renewing = asyncio.ensure_future(elector.run(stop_renewing))
+            leader, lease_left = elector.leader, elector.remaining
+            # One try before the first tick, so a lone controller acts at once (and --once
+            # does not race the renewer); then the renewer keeps the lease in the background.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(elector.renew_deadline_s):
+                    await elector.try_acquire()
+            renewing = asyncio.ensure_future(elector.run(asyncio.Event()))
 
             async def stop_elector() -> None:
-                stop_renewing.set()
-                await renewing
+                await cancel_and_wait(renewing)  # an in-flight try must not outlast the pod
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(3):
+                        await elector.release()
 
             closers.append(stop_elector)
 
@@ -156,7 +162,8 @@ async def _stack(
                 KubeActuator(KubeScaler(api)),
                 states,
                 nodes=nodes,
-                leader=leader,  # type: ignore[arg-type]
+                leader=leader,
+                lease_left=lease_left,
                 accelerator_for=accelerator_for,
                 demand=demand,
             ),

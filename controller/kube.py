@@ -304,11 +304,18 @@ class LeaderElector:
 
     `try_acquire()` renews our lease, takes an expired one, or reports that another holder is
     alive. Writes carry the resourceVersion, so of two candidates racing for an expired lease
-    exactly one wins (the other gets 409). `run()` calls it every `lease_duration_s / 5` (client-
-    go's 2 s retry period for a 15 s lease), apart from the control loop, whose tick can take
-    longer than a lease; `holds()` is true only while the last renewal is younger than the renew
-    deadline (2/3 of the lease, client-go's 10 s of 15), so a leader that cannot renew stops
-    acting well before another may take over.
+    exactly one wins (the other gets 409). As in client-go, "expired" is judged on this
+    process's own monotonic clock: a lease record counts as renewed when this candidate *saw* it
+    change, and expires `lease_duration_s` after that, whatever the holder's wall clock wrote
+    (so clock skew between nodes cannot hand the lease over early; a candidate that has just
+    started waits one lease duration).
+
+    `run()` calls it every `lease_duration_s / 5` (client-go's 2 s retry period for a 15 s
+    lease), apart from the control loop, whose tick can take longer than a lease; each try is
+    cut off at the renew deadline. `holds()` is true only while our last renewal is younger
+    than the renew deadline (2/3 of the lease, client-go's 10 s of 15), so a leader that cannot
+    renew stops acting well before another may take over; `remaining()` is what is left of it,
+    the bound the control loop puts on each write.
     """
 
     api: client.ApiClient
@@ -316,26 +323,36 @@ class LeaderElector:
     name: str
     identity: str
     lease_duration_s: float = 15.0
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.time  # wall clock: the times written into the Lease
+    monotonic: Callable[[], float] = time.monotonic  # this process's clock: deadlines, expiry
     retry: Retry = field(default_factory=Retry)
     is_leader: bool = False
-    renewed_at: float | None = None  # clock() when our lease was last written
+    renewed_at: float | None = None  # monotonic() when our lease was last written
+    # The other holder's record as last seen, and monotonic() when it was first seen so.
+    _seen: tuple[Any, ...] | None = None
+    _seen_at: float = 0.0
+
+    @property
+    def renew_deadline_s(self) -> float:
+        return self.lease_duration_s * 2 / 3
 
     async def try_acquire(self) -> bool:
-        started = self.clock()
+        started = self.monotonic()
         self.is_leader = await self._try()
         if self.is_leader:
             self.renewed_at = started  # the lease says renewTime <= this: count from here
         IS_LEADER.set(1 if self.holds() else 0)
         return self.is_leader
 
+    def remaining(self) -> float:
+        """Seconds this leader may still act (0 when it does not lead)."""
+        if not self.is_leader or self.renewed_at is None:
+            return 0.0
+        return max(0.0, self.renewed_at + self.renew_deadline_s - self.monotonic())
+
     def holds(self) -> bool:
         """Whether to act now: leader, and renewed within the renew deadline."""
-        return (
-            self.is_leader
-            and self.renewed_at is not None
-            and self.clock() < self.renewed_at + self.lease_duration_s * 2 / 3
-        )
+        return self.remaining() > 0
 
     async def leader(self) -> bool:
         """The control loop's check (no API call: `run` keeps the lease)."""
@@ -347,11 +364,43 @@ class LeaderElector:
         """Keep trying / renewing until `stop`; API failures leave `holds()` to expire."""
         while not stop.is_set():
             try:
-                await self.try_acquire()
+                async with asyncio.timeout(self.renew_deadline_s):
+                    await self.try_acquire()
             except Exception as e:
                 log.warning("lease %s/%s: %s", self.namespace, self.name, e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.lease_duration_s / 5)
+
+    async def release(self) -> None:
+        """On shutdown, hand the lease back (client-go's ReleaseOnCancel): the standby takes
+        over at its next try instead of after a whole lease duration."""
+        if not self.is_leader:
+            return
+        self.is_leader = False
+        IS_LEADER.set(0)
+        coord = client.CoordinationV1Api(self.api)
+        lease = await coord.read_namespaced_lease(self.name, self.namespace, _request_timeout=2)
+        spec = lease.spec
+        if spec is None or spec.holder_identity != self.identity:
+            return
+        now = self.clock()
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "resourceVersion": lease.metadata.resource_version,
+            },
+            "spec": {
+                "holderIdentity": "",
+                "leaseDurationSeconds": 1,
+                "acquireTime": _micro_time(now),
+                "renewTime": _micro_time(now),
+                "leaseTransitions": spec.lease_transitions or 0,
+            },
+        }
+        await coord.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=2)
 
     def _spec(self, now: float, acquire: float, transitions: int) -> dict[str, Any]:
         return {
@@ -397,11 +446,16 @@ class LeaderElector:
                 raise
         spec = lease.spec
         holder = spec.holder_identity if spec else None
-        renew = _parse_time(spec.renew_time) if spec else None
         duration = (spec.lease_duration_seconds if spec else None) or self.lease_duration_s
         transitions = (spec.lease_transitions if spec else None) or 0
-        if holder and holder != self.identity and renew is not None and renew + duration > now:
-            return False  # held by a live leader
+        if holder and holder != self.identity:
+            # Someone else's: alive until `duration` after we last saw its record change.
+            record = (holder, spec.renew_time, spec.acquire_time, transitions)
+            mono = self.monotonic()
+            if record != self._seen:
+                self._seen, self._seen_at = record, mono
+            if mono < self._seen_at + duration:
+                return False  # held by a live leader
         acquire = now
         if holder == self.identity and spec and spec.acquire_time:
             acquire = _parse_time(spec.acquire_time) or now

@@ -37,7 +37,7 @@ class LocalActuator:
     async def get_replicas(self, t: PoolTarget) -> int:
         return len(self._running(t))
 
-    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision | None = None) -> None:
+    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision | None = None) -> bool:
         if replicas > len(t.pool.endpoints):
             log.warning(
                 "pool %s: %d replicas wanted but only %d endpoints configured",
@@ -53,6 +53,7 @@ class LocalActuator:
                 self.procs[(t.name, i)] = await self._start(t, ep)
             elif i >= replicas and alive:
                 await self._stop(self.procs.pop((t.name, i)))
+        return True
 
     async def _start(self, t: PoolTarget, endpoint: str) -> asyncio.subprocess.Process:
         port = urlsplit(endpoint).port or 80

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -30,6 +30,7 @@ from kvpilot.config import Config, PoolConfig, PoolScalingConfig
 from kvpilot.signals import ReplicaState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DESIRED = Gauge("kvpilot_controller_desired_replicas", "Replicas the controller wants.", ["pool"])
 CURRENT = Gauge("kvpilot_controller_current_replicas", "The workload's spec.replicas.", ["pool"])
@@ -50,6 +51,16 @@ ERRORS = Counter(
 )
 GPUS_NEEDED = Gauge(
     "kvpilot_controller_gpus_needed", "GPUs needed per accelerator.", ["accelerator"]
+)
+GPUS_SHORT = Gauge(
+    "kvpilot_controller_gpus_short",
+    "GPUs needed beyond those allocatable on Ready nodes (nodes must still come).",
+    ["accelerator"],
+)
+GPUS_UNREQUESTED = Gauge(
+    "kvpilot_controller_gpus_unrequested",
+    "The GPUs short that no Pending pod asks nodes for yet.",
+    ["accelerator"],
 )
 PLACEHOLDER_GPUS = Gauge(
     "kvpilot_controller_placeholder_gpus", "GPUs held by placeholder pods.", ["accelerator"]
@@ -73,7 +84,10 @@ class PoolTarget:
 class Actuator(Protocol):
     async def get_replicas(self, t: PoolTarget) -> int: ...
 
-    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> None: ...
+    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> bool:
+        """Scale; False when nothing was written (the size moved since the decision, or is
+        already the target)."""
+        ...
 
 
 class NodeActuator(Protocol):
@@ -95,7 +109,8 @@ class Controller:
         states: Callable[[], Iterable[ReplicaState]],
         *,
         nodes: NodeActuator | None = None,
-        leader: Callable[[], asyncio.Future[bool]] | None = None,
+        leader: Callable[[], Awaitable[bool]] | None = None,
+        lease_left: Callable[[], float] | None = None,
         clock: Callable[[], float] = time.time,
         accelerator_for: Callable[[PoolTarget], str] | None = None,
         demand: Callable[[], Awaitable[dict[str, PoolDemand]]] | None = None,
@@ -105,6 +120,12 @@ class Controller:
         self.demand = demand  # the gateways' held requests and request rate (controller/demand.py)
         self.nodes = nodes
         self.leader = leader
+        # Seconds the leader may still act (to its renew deadline): bounds each write, so a
+        # write retried past the lease cannot land after another controller took over.
+        self.lease_left = lease_left
+        self._led = False  # whether the last tick led: a new term starts from fresh autoscalers
+        self._exported: set[str] = set()  # pools with gauges
+        self._exported_accs: set[str] = set()  # accelerators with gauges
         self.clock = clock
         self.accelerator_for = accelerator_for or (lambda t: t.pool.accelerator)
         self.autoscalers: dict[str, ReplicaAutoscaler] = {}
@@ -133,11 +154,15 @@ class Controller:
 
     async def tick(self) -> dict[str, Decision]:
         if not await self._leading():
-            if self.last:  # an ex-leader must not go on exporting what it no longer decides
-                for pool in self.last:
-                    self._unexport(pool)
-                self.last = {}
+            if self._led:
+                self._step_down()
             return {}
+        if not self._led and self.leader is not None:
+            # A new term: what this controller learned while it last led (its window, its
+            # idle clock) is stale; start as a fresh one, which waits out the window.
+            self.autoscalers = {t.name: ReplicaAutoscaler(t.scaling) for t in self.targets}
+            self._node_demands.clear()
+        self._led = True
         now = self.clock()
         by_pool: dict[str, list[ReplicaState]] = {}
         for s in self.states():
@@ -175,11 +200,30 @@ class Controller:
         # Asked again before every write: a tick (API retries, GKE backoff) can outlast a lease.
         return self.leader is None or await self.leader()
 
+    def _step_down(self) -> None:
+        """An ex-leader exports nothing it no longer decides."""
+        self._led = False
+        self.last = {}
+        for pool in self._exported:
+            self._unexport(pool)
+        for acc in self._exported_accs:
+            for g in (GPUS_NEEDED, PLACEHOLDER_GPUS, GPUS_SHORT, GPUS_UNREQUESTED):
+                with contextlib.suppress(KeyError):
+                    g.remove(acc)
+        self._exported.clear()
+        self._exported_accs.clear()
+
+    async def _bounded(self, write: Awaitable[T]) -> T:
+        """A write cut off at the leader's renew deadline (TimeoutError), never after it."""
+        left = self.lease_left() if self.lease_left is not None else None
+        async with asyncio.timeout(left):
+            return await write
+
     async def _apply(self, t: PoolTarget, d: Decision) -> None:
         direction = "up" if d.desired > d.current else "down"
         dry = self.cfg.controller.dry_run
-        SCALE_ACTIONS.labels(t.name, direction, str(dry).lower()).inc()
         if dry:
+            SCALE_ACTIONS.labels(t.name, direction, "true").inc()
             log.info(
                 "dry-run: pool %s would scale %d -> %d (%s)", t.name, d.current, d.desired, d.reason
             )
@@ -191,7 +235,8 @@ class Controller:
             return
         log.info("pool %s: scale %d -> %d (%s)", t.name, d.current, d.desired, d.reason)
         try:
-            await self.actuator.set_replicas(t, d.desired, d)
+            if await self._bounded(self.actuator.set_replicas(t, d.desired, d)):
+                SCALE_ACTIONS.labels(t.name, direction, "false").inc()
         except Exception as e:
             ERRORS.labels(t.name, "write").inc()
             log.error(
@@ -226,19 +271,18 @@ class Controller:
             demands.append(held[t.name])
         plans = plan_accelerators(demands, await self._nodes_inventory())
         for acc, p in plans.items():
+            self._exported_accs.add(acc)
             GPUS_NEEDED.labels(acc).set(p.gpus_needed)
             PLACEHOLDER_GPUS.labels(acc).set(p.placeholder_gpus)
-            log.debug(
-                "%s: %d GPUs needed, %d short of allocatable, %d of them not asked for yet",
-                acc,
-                p.gpus_needed,
-                p.shortfall_gpus,
-                p.unrequested_gpus,
-            )
+            GPUS_SHORT.labels(acc).set(p.shortfall_gpus)
+            GPUS_UNREQUESTED.labels(acc).set(p.unrequested_gpus)
         if self.cfg.controller.dry_run or self.nodes is None:
             return
+        if not await self._leading():  # the inventory read may have taken a while
+            log.warning("lost the lease before the node actions; not applied")
+            return
         try:
-            await self.nodes.apply(plans, self.targets)
+            await self._bounded(self.nodes.apply(plans, self.targets))
         except Exception as e:
             ERRORS.labels("*", "nodes").inc()
             log.error("node actuator failed, will retry next tick: %s", e)
@@ -283,8 +327,8 @@ class Controller:
             with contextlib.suppress(KeyError):
                 g.remove(pool)
 
-    @staticmethod
-    def _export(pool: str, d: Decision) -> None:
+    def _export(self, pool: str, d: Decision) -> None:
+        self._exported.add(pool)
         DESIRED.labels(pool).set(d.desired)
         CURRENT.labels(pool).set(d.current)
         if d.saturation is not None:

@@ -313,6 +313,8 @@ class ReplicaAutoscaler:
             desired = min(current, window_max)
             if panic:
                 desired, reason = current, reason + "; panic mode holds"
+            elif desired == current and raw < current:
+                reason += f"; stabilizing at {desired}"  # the window holds the size
             elif desired > math.floor(current * (1 - cfg.scale_down_tolerance)):
                 # Hysteresis: step down only for a real drop, in one action, not one replica
                 # at a time as the window's maximum decays.

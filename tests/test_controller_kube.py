@@ -282,8 +282,12 @@ async def test_leader_election_one_acts_the_other_takes_over_after_expiry(cluste
     k8s, api = cluster
     now = [1000.0]
     clock = lambda: now[0]  # noqa: E731
-    a = LeaderElector(api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST)
-    b = LeaderElector(api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST)
+    a = LeaderElector(
+        api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, monotonic=clock, retry=FAST
+    )
+    b = LeaderElector(
+        api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, monotonic=clock, retry=FAST
+    )
     assert await a.try_acquire()
     assert not await b.try_acquire()
     for _ in range(3):  # a keeps renewing; b keeps waiting
@@ -305,9 +309,14 @@ async def test_a_leader_that_cannot_renew_stops_acting_before_its_lease_expires(
     k8s, api = cluster
     now = [1000.0]
     clock = lambda: now[0]  # noqa: E731
-    a = LeaderElector(api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, retry=FAST)
-    b = LeaderElector(api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, retry=FAST)
+    a = LeaderElector(
+        api, "kvpilot", "ctl", "a", lease_duration_s=15, clock=clock, monotonic=clock, retry=FAST
+    )
+    b = LeaderElector(
+        api, "kvpilot", "ctl", "b", lease_duration_s=15, clock=clock, monotonic=clock, retry=FAST
+    )
     assert await a.try_acquire() and await a.leader()
+    assert not await b.try_acquire()  # b has seen a's record: it expires 15 s from now
     # The API fails for a's renewals: after the renew deadline (10 s of 15) a stops acting,
     # 5 s before b may take the lease over, so the two never act at once.
     k8s.fail(lambda r: r.resource is not None and r.resource.plural == "leases", 500, times=4)
@@ -319,6 +328,32 @@ async def test_a_leader_that_cannot_renew_stops_acting_before_its_lease_expires(
     assert not await a.leader()
     now[0] += 5  # 16 s: expired
     assert await b.try_acquire() and await b.leader()
+
+
+async def test_a_released_lease_is_taken_over_at_once_and_clock_skew_changes_nothing(
+    cluster: Any,
+) -> None:
+    k8s, api = cluster
+    now, skewed = [1000.0], [1000.0]
+    a = LeaderElector(
+        api, "kvpilot", "ctl", "a", clock=lambda: now[0], monotonic=lambda: now[0], retry=FAST
+    )
+    # b's wall clock runs 60 s ahead: by a's renewTime the lease looks long expired to it.
+    b = LeaderElector(
+        api, "kvpilot", "ctl", "b", clock=lambda: skewed[0] + 60, monotonic=lambda: skewed[0],
+        retry=FAST,
+    )  # fmt: skip
+    assert await a.try_acquire()
+    assert not await b.try_acquire()
+    now[0] += 5
+    skewed[0] += 5
+    assert await a.try_acquire()
+    assert not await b.try_acquire()  # renewed 0 s ago by what b saw, whatever the clocks say
+    await a.release()  # shutting down: handed back
+    assert not await a.leader()
+    assert await b.try_acquire()
+    lease = k8s.objects["coordination.k8s.io/v1/leases", "kvpilot", "ctl"].raw
+    assert lease["spec"]["holderIdentity"] == "b"
 
 
 async def test_the_elector_renews_in_the_background(cluster: Any) -> None:
@@ -346,11 +381,17 @@ async def test_two_candidates_racing_for_an_expired_lease_one_wins(cluster: Any)
     now = [1000.0]
     clock = lambda: now[0]  # noqa: E731
     a, b, c = (
-        LeaderElector(api, "kvpilot", "ctl", x, lease_duration_s=15, clock=clock, retry=FAST)
+        LeaderElector(
+            api, "kvpilot", "ctl", x, lease_duration_s=15, clock=clock, monotonic=clock, retry=FAST
+        )
         for x in "abc"
     )
     assert await a.try_acquire()
+    # New candidates judge expiry on their own clock from when they first saw the record
+    # (client-go): a lease that looks 20 s old by its renewTime is still waited out once.
     now[0] += 20
+    assert not await b.try_acquire() and not await c.try_acquire()
+    now[0] += 16
     won = await asyncio.gather(b.try_acquire(), c.try_acquire())
     assert sorted(won) == [False, True]
 
@@ -465,7 +506,14 @@ async def test_only_the_leader_acts(cluster: Any) -> None:
 
     def make(identity: str) -> Controller:
         el = LeaderElector(
-            api, "kvpilot", "ctl", identity, lease_duration_s=15, clock=clock, retry=FAST
+            api,
+            "kvpilot",
+            "ctl",
+            identity,
+            lease_duration_s=15,
+            clock=clock,
+            monotonic=clock,
+            retry=FAST,
         )
         return Controller(
             loop_config(),
@@ -520,6 +568,86 @@ async def test_the_lease_is_checked_again_before_writing(cluster: Any) -> None:
     )
     assert (await ctl.tick())["llama"].desired == 4
     assert k8s.scale_writes == []
+
+
+async def test_a_new_term_starts_from_a_fresh_window(cluster: Any) -> None:
+    """A standby that led before, hours ago, must not act on that term's window when it leads
+    again: it waits out a fresh one, like a controller that has just started."""
+    k8s, api = cluster
+    k8s.objects[DEPLOY, "ml", "llama"] = workload("llama", 10)
+    now = [5000.0]
+    leading = [True]
+    load = [1.0]  # waiting per replica / queue target 4: saturation
+
+    async def leader() -> bool:
+        return leading[0]
+
+    ctl = Controller(
+        loop_config(),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(10, now[0], waiting=round(4 * load[0])),
+        clock=lambda: now[0],
+        leader=leader,
+    )
+    assert (await ctl.tick())["llama"].desired == 10
+    leading[0] = False
+    now[0] += 7200  # two hours as the standby
+    assert await ctl.tick() == {}
+    leading[0], load[0] = True, 0.25
+    d = (await ctl.tick())["llama"]
+    assert d.desired == 10 and "stabilizing" in d.reason
+    assert k8s.scale_writes == []
+
+
+async def test_an_ex_leader_drops_every_gauge_it_exported(cluster: Any) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    leading = [True]
+
+    async def leader() -> bool:
+        return leading[0]
+
+    ctl = Controller(
+        loop_config(node_actuator="placeholders"),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now),
+        clock=lambda: now,
+        leader=leader,
+        nodes=PlaceholderNodes(Placeholders(api, "kvpilot-placeholders", retry=FAST)),
+    )
+    await ctl.tick()
+    assert gauge("kvpilot_controller_gpus_needed", accelerator="nvidia-l4") is not None
+    # The last leading tick cannot read the pool's size: it is missing from that tick's
+    # decisions, yet its gauges from before must go too.
+    k8s.fail(lambda r: r.subresource == "scale", 500, times=4)
+    await ctl.tick()
+    leading[0] = False
+    await ctl.tick()
+    assert gauge("kvpilot_controller_desired_replicas", pool="llama") is None
+    assert gauge("kvpilot_controller_gpus_needed", accelerator="nvidia-l4") is None
+
+
+async def test_a_write_is_cut_off_at_the_renew_deadline(cluster: Any) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    is_put = lambda r: r.subresource == "scale" and r.method == kmock.method.PUT  # noqa: E731
+    k8s.fail(is_put, "hang", times=4)  # each try hangs past the client's 0.3 s timeout
+
+    async def leader() -> bool:
+        return True
+
+    ctl = Controller(
+        loop_config(),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now),
+        clock=lambda: now,
+        leader=leader,
+        lease_left=lambda: 0.5,  # the retries would take > 1 s
+    )
+    before = gauge("kvpilot_controller_errors_total", pool="llama", op="write") or 0
+    await ctl.tick()
+    assert gauge("kvpilot_controller_errors_total", pool="llama", op="write") == before + 1
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 2
 
 
 async def test_loop_placeholders_for_headroom(cluster: Any) -> None:

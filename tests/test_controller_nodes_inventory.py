@@ -114,8 +114,9 @@ class Sizes:
             raise RuntimeError("injected read failure")
         return self.sizes[t.name]
 
-    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> None:
+    async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> bool:
         self.sizes[t.name] = replicas
+        return True
 
 
 def config(
