@@ -140,12 +140,6 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
 
     app.cleanup_ctx.append(lifecycle)
 
-    async def on_shutdown(app: web.Application) -> None:
-        # The listening socket is closed by now; requests in progress get the grace period.
-        await gateway.drain(gateway.gw.shutdown_timeout_s)
-
-    app.on_shutdown.append(on_shutdown)
-
     async def completions(request: web.Request) -> web.StreamResponse:
         return await gateway.handle(request, "completions")
 
@@ -297,6 +291,22 @@ async def apply_config(app: web.Application, cfg: Config) -> None:
         gateway.fleet.drop_pool(name)
 
 
+class GatewayRunner(web.AppRunner):
+    """aiohttp's runner with the gateway's shutdown grace (`Gateway.drain`) between closing the
+    listening socket and aiohttp's own cleanup: that closes every connection before its
+    on_shutdown hooks run, and a closed connection reads no more, so a request whose body was
+    still arriving could never finish within the grace."""
+
+    async def cleanup(self) -> None:
+        for site in list(self.sites):
+            await site.stop()
+        if self.server is not None:
+            await asyncio.sleep(0)  # as aiohttp does: requests already in have started
+            gateway = self.app[GATEWAY]
+            await gateway.drain(gateway.gw.shutdown_timeout_s, connections=self.server.connections)
+        await super().cleanup()
+
+
 async def start_gateway(
     cfg: Config,
     *,
@@ -315,7 +325,7 @@ async def start_gateway(
     port = lport if port is None else port
     app = build_app(cfg, kube_api_client=kube_api_client, worker=worker)
     # handler_cancellation: a client that goes away cancels its handler, which closes upstream.
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=AIOHTTP_SHUTDOWN_S
     )
     await runner.setup()

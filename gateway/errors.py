@@ -9,6 +9,9 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+# The code of a request larger than any replica's context or KV cache (vLLM's and OpenAI's).
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
 
 class GatewayError(Exception):
     """A request the gateway refuses, with the status and OpenAI error fields to answer with."""

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -293,6 +293,31 @@ class Fleet:
     def known(self, pool: str) -> int:
         return len(self.pools.get(pool, {}))
 
+    def kv_caches(self, pool: str) -> Iterator[tuple[str, float]]:
+        """(replica id, whole KV cache in tokens) of every replica the pool knows, pickable or
+        not (ejected, terminating, unhealthy): from its latest state however old (a cache's size
+        does not age), else its speed profile; infinite where neither says. What decides that a
+        request can never fit, as opposed to not now (lazily: the first that fits ends it)."""
+        profile = self.profiles.get(pool)
+        for r in self.pools.get(pool, _NONE).values():
+            st, seed = r.state, profile
+            if st is not None and st.accelerator and self.seed_for is not None:
+                seed = self.seed_for(pool, st.accelerator) or profile
+            blocks = (st.kv_blocks_total if st is not None else 0) or (
+                seed.kv_blocks_total if seed is not None else 0
+            )
+            size = (st.kv_block_size if st is not None else 0) or (
+                seed.block_size if seed is not None else 0
+            )
+            yield r.replica_id, float(blocks * size) if blocks > 0 and size > 0 else math.inf
+
+    def signal_lost(self, replica_id: str, pool: str, now: float) -> bool:
+        """Whether the replica had a state and none came within `stale_after_s` since: its agent
+        (or the scrape) no longer hears from it, as when its node died. Without any state ever
+        there is nothing to tell a dead replica from a slow one."""
+        r = self.pools.get(pool, _NONE).get(replica_id)
+        return r is not None and r.state is not None and self._stale(r.state, now)
+
     # ---- the request path ------------------------------------------------------------------
 
     def start(
@@ -327,7 +352,8 @@ class Fleet:
             r.started.discard(request_id)
             r.inflight -= 1
             metrics.child(metrics.INFLIGHT, r.pool, replica_id).dec()
-            self._changed(r.pool)
+            for x in recs:  # the server has room again for every pool that lists it
+                self._changed(x.pool)
 
     def succeeded(self, replica_id: str, pool: str | None = None) -> None:
         r = self.replica(replica_id, pool)
@@ -348,7 +374,10 @@ class Fleet:
             live = [x for x in self.pools.get(r.pool, {}).values() if not x.terminating]
             out = sum(1 for x in live if x.ejected_until > now)
             if out + 1 > len(live) // 2:
-                log.info(
+                # Said once per run of failures (a dead replica of a pool of one fails every
+                # request sent to it); a success starts the count over.
+                log.log(
+                    logging.INFO if r.failures == self.eject_after else logging.DEBUG,
                     "replica %s of pool %s keeps failing; not ejected (%d of %d are out already)",
                     replica_id,
                     r.pool,

@@ -10,7 +10,7 @@ GPU profile (`RateSeed`). docs/routing.md explains each term and how it was tune
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gateway.estimate import RequestFeatures
@@ -142,9 +142,10 @@ class Headroom(BasePolicy):
     When no replica fits the pick fails open to the lowest cost, or with `queue_when_saturated`
     returns None so the gateway holds the request until capacity frees; `queue_key` says which
     held request to offer freed capacity first (earliest deadline while it can still be met,
-    then by age). A request it would hold that exceeds every replica's whole KV cache (known
-    sizes only) could never leave the queue: the pick says so (reason `EXCEEDS_KV`), and
-    `exceeds_kv_capacity` answers the same question without picking.
+    then by age). A request it would hold that exceeds every offered replica's whole KV cache
+    (known sizes only) could not leave the queue while they are all it has: the pick says so
+    (reason `EXCEEDS_KV`), and `exceeds_kv_capacity` says whether that holds for every replica
+    the pool knows (then it never can).
     """
 
     name = "headroom"
@@ -738,11 +739,13 @@ class Headroom(BasePolicy):
         return Decision(rid, reason, scores)
 
     def exceeds_kv_capacity(
-        self, req: RequestFeatures, replicas: Sequence[ReplicaView], now: float
+        self, req: RequestFeatures, caches: Iterable[tuple[str, float]]
     ) -> float | None:
         """When the request's new KV tokens (its uncached prompt and expected output) exceed the
-        whole cache of every usable replica offered: the largest of those caches, in tokens.
-        None while some replica could hold it once empty, or has a cache of unknown size."""
+        whole cache of every replica in `caches` ((replica id, cache tokens; infinite when its
+        size is unknown), all a pool knows, pickable or not): the largest of those caches, in
+        tokens. None while some replica could hold it once empty, or has a cache of unknown
+        size."""
         if not self.queue_when_saturated:
             return None  # it fails open: the engine answers for a request it cannot hold
         p = float(req.prompt_tokens)
@@ -751,14 +754,8 @@ class Headroom(BasePolicy):
         hashes = req.prefix_hashes
         matches = self.index.match(hashes) if hashes else None
         largest = -1.0
-        for v in replicas:
-            e = self._entries.get(v.replica_id)
-            if e is None or e[0] is not v:
-                e = self._refresh(v, tpb)
-            if e[1]:
-                continue  # ejected: not a replica to hold it
-            total = _cache_tokens(e)
-            m = matches.get(v.replica_id, 0) if matches else 0
+        for rid, total in caches:
+            m = matches.get(rid, 0) if matches else 0
             if max(0.0, p - m * tpb) + o <= total:
                 return None
             largest = max(largest, total)

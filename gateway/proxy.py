@@ -10,12 +10,14 @@ connection, timeout, 502/503/504 from the replica, a stream that breaks before i
 retried on another replica, bounded by `max_retries` and a retry budget; after the first streamed
 byte the stream is ended with an SSE error event, so the client sees a well-formed failure. One
 exception: a non-streaming request whose body the replica has taken whole and that gets no answer
-within `first_byte_timeout_s` is answered 504, neither retried nor held against the replica (vLLM
-sends a non-streamed answer's headers only with the finished answer: a long generation is slow,
-not failed, and running it again elsewhere would only double the work).
+within `first_byte_timeout_s` is answered 504 and not retried (vLLM sends a non-streamed answer's
+headers only with the finished answer: a long generation is slow, not failed, and running it
+again elsewhere would only double the work); it counts against the replica only when the
+replica's state has gone stale as well (a node that died silently).
 
 A model listed by several pools spills over: each request goes to the first pool (config order)
-whose policy places it without queueing, and waits in the first pool's queue only when none can.
+whose policy places it without queueing; only when none can does it wait, in the first saturated
+pool's queue, else in that of the first pool whose replicas could ever hold it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +38,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.payload import BytesPayload
+from multidict import MultiMapping
 
 from gateway import errors, metrics
 from gateway.deadline import Deadline
-from gateway.errors import GatewayError
+from gateway.errors import CONTEXT_LENGTH_EXCEEDED, GatewayError
 from gateway.estimate import Estimator, RequestFeatures, prompt_text
 from gateway.fleet import Fleet
 from gateway.picker import Decision, Policy, RateSeed, make_policy, rate_seed_for
@@ -164,8 +167,9 @@ class Gateway:
         self.gw: GatewayConfig = cfg.gateway
         self._seq = itertools.count()
         self.sharing = False  # other gateway workers read what this one routes (gateway/peers.py)
-        # Shutdown: the handler tasks of requests being routed, and set when none is left.
-        self._active: set[asyncio.Task[Any]] = set()
+        # Shutdown: the handler tasks of the requests being handled (their requests), and, once
+        # the shutdown began, set whenever none is left.
+        self._active: dict[asyncio.Task[Any], web.Request] = {}
         self._idle: asyncio.Event | None = None
         self.stopping = False  # the shutdown grace ran out: requests still running are ended
         fleet.on_leave = self._replica_left
@@ -205,7 +209,7 @@ class Gateway:
             # Policies that hold requests for KV room say which requests no replica can ever hold.
             too_large = None
             if hasattr(policy, "exceeds_kv_capacity"):
-                too_large = lambda req, exclude, rt=rt: self._too_large(rt, req, exclude)  # noqa: E731
+                too_large = lambda req, rt=rt: self._too_large(rt, req)  # noqa: E731
             if prev is not None:  # a new policy: the requests waiting in the pool stay queued
                 rt.queue = prev.queue
                 rt.queue.pick, rt.queue.queue_key = pick, queue_key
@@ -327,16 +331,15 @@ class Gateway:
         if d.replica_id is not None:
             self.fleet.finish(d.replica_id, req.request_id, time.time(), pool)
 
-    def _too_large(
-        self, rt: PoolRuntime, req: RequestFeatures, exclude: frozenset[str]
-    ) -> GatewayError | None:
+    def _too_large(self, rt: PoolRuntime, req: RequestFeatures) -> GatewayError | None:
         """400 `context_length_exceeded` when the request's KV need exceeds the whole cache of
-        every replica the pool offers (an empty one included): it could only wait forever."""
+        every replica the pool knows, whether it is offered now or not (an ejected, unhealthy,
+        terminating or already tried one may be the one that holds it: a transient state, not
+        the request's fault); it could only wait forever."""
         exceeds = getattr(rt.policy, "exceeds_kv_capacity", None)
         if exceeds is None:
             return None
-        now = time.time()
-        largest = exceeds(req, self.fleet.views(rt.config.name, now, exclude), now)
+        largest = exceeds(req, self.fleet.kv_caches(rt.config.name))
         if largest is None:
             return None
         return context_length_exceeded(req, rt.config.name, largest)
@@ -345,6 +348,9 @@ class Gateway:
 
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         """POST /v1/completions or /v1/chat/completions."""
+        task = request.task
+        active = self._active
+        active[task] = request  # first: the shutdown's grace covers reading the body (drain)
         t0 = time.monotonic()
         rid = request.headers.get("x-request-id")
         if rid:
@@ -374,14 +380,7 @@ class Gateway:
             except (TypeError, ValueError, KeyError, AttributeError) as e:
                 raise errors.bad_request(f"cannot read the prompt: {e}", "messages") from None
             req = self.estimator.features(key, model, text, max_tokens, priority)
-        except GatewayError as e:
-            metrics.child(metrics.REQUESTS, pool_name, model, "", str(e.status)).inc()
-            return e.response(rid)
-        stream = body.get("stream") is True
-        task = request.task
-        active = self._active
-        active.add(task)  # the shutdown's grace covers it (see drain)
-        try:
+            stream = body.get("stream") is True
             resp, pool_name = await self._route(request, pools, req, raw, endpoint, stream, rid)
         except GatewayError as e:
             metrics.child(metrics.REQUESTS, pool_name, model, "", str(e.status)).inc()
@@ -397,9 +396,11 @@ class Gateway:
             metrics.child(metrics.REQUESTS, pool_name, model, "", str(err.status)).inc()
             return err.response(rid)
         finally:
-            active.discard(task)
-            if self._idle is not None and not active:
-                self._idle.set()
+            del active[task]
+            if self._idle is not None:  # shutting down: no next request on this connection
+                request.protocol.close()
+                if not active:
+                    self._idle.set()
         metrics.child(metrics.E2E, pool_name, model).observe(time.monotonic() - t0)
         return resp
 
@@ -407,29 +408,33 @@ class Gateway:
         self, pools: tuple[PoolRuntime, ...], req: RequestFeatures
     ) -> tuple[PoolRuntime, Decision]:
         """A model several pools list: the first pool (config order) whose policy places the
-        request now; else it waits in the first pool that could ever take it."""
+        request now; else it waits in the first saturated pool, or after those in the first
+        pool that could ever hold it (one whose replicas that can hold it are away for now).
+        A refusal is counted under the pool that refused it."""
         none: frozenset[str] = frozenset()
-        waiting: list[PoolRuntime] = []
-        refused: PoolRuntime | None = None
+        saturated: list[tuple[PoolRuntime, Decision | None]] = []
+        too_small: list[tuple[PoolRuntime, Decision | None]] = []  # no replica offered holds it
         for rt in pools:
             if len(rt.queue):  # saturated: the requests already waiting there go first
-                waiting.append(rt)
+                saturated.append((rt, None))
                 continue
             d = rt.queue.pick(req, none)
             if d.replica_id is not None:
                 return rt, d
-            if d.reason == EXCEEDS_KV:
-                refused = refused or rt
-            else:
-                waiting.append(rt)
-        for i, rt in enumerate(waiting):
+            (too_small if d.reason == EXCEEDS_KV else saturated).append((rt, d))
+        refusal: RoutedError | None = None
+        for rt, d in saturated + too_small:
+            # `d`: the pool's pick above, not asked for again (one pick per pool and request).
+            # After a wait in an earlier pool it is older: a queue with waiters ignores it, an
+            # empty one holds the request until its next wake-up (a finish, a state, a tick).
             try:
-                return rt, await rt.queue.acquire(req, none)
+                return rt, await rt.queue.acquire(req, none, d)
             except GatewayError as e:
-                if e.code != CONTEXT_LENGTH_EXCEEDED or i == len(waiting) - 1:
-                    raise
-        assert refused is not None
-        raise rt_refusal(refused, req)
+                if e.code != CONTEXT_LENGTH_EXCEEDED:
+                    raise RoutedError(e, rt.config.name) from None
+                refusal = refusal or RoutedError(e, rt.config.name)
+        assert refusal is not None
+        raise refusal
 
     async def _route(
         self,
@@ -493,11 +498,20 @@ class Gateway:
                 try:
                     d = await rt.queue.acquire(req, tried)
                 except GatewayError as g:
+                    if g.code == CONTEXT_LENGTH_EXCEEDED:  # only tried replicas can hold it
+                        g = errors.upstream_failed(
+                            f"no replica of pool {pool!r} answered ({attempt} tried; last: {e}) "
+                            "and no other can hold this request"
+                        )
                     raise RoutedError(g, pool) from None
                 continue
             except UpstreamTimedOut:
-                # Slow, not failed: no retry, and the replica's failure count stays as it was.
-                self.fleet.finish(replica_id, req.request_id, time.time(), pool)
+                # Slow, not failed: no retry. Held against the replica only when its state has
+                # gone stale too (no agent or scrape hears from it): then it is likely dead.
+                now = time.time()
+                self.fleet.finish(replica_id, req.request_id, now, pool)
+                if self.fleet.signal_lost(replica_id, pool, now):
+                    self.fleet.failed(replica_id, now, pool)
                 log.warning(
                     "request %s: no answer from %s within first_byte_timeout_s (%g s)",
                     rid,
@@ -730,16 +744,23 @@ class Gateway:
 
     # ---- shutdown ------------------------------------------------------------------------------
 
-    async def drain(self, grace_s: float, end_s: float = 5.0) -> None:
-        """Let the requests being routed finish for up to `grace_s`, then end the rest: a stream
+    async def drain(
+        self, grace_s: float, end_s: float = 5.0, connections: Iterable[Any] = ()
+    ) -> None:
+        """Let the requests being handled finish for up to `grace_s`, then end the rest: a stream
         with an SSE error event, a request not answered yet with a 503 (and wait `end_s` for
-        them). Called when the server stops; no new requests come in by then."""
-        if not self._active:
-            return
+        them). Called once the server stopped listening, before aiohttp closes its
+        `connections` (RequestHandlers): a closed one reads nothing more, so a request whose body
+        is still arriving could never finish. Here the connections without a request in a
+        handler (idle keep-alive ones; an answer already handed to the socket is still sent)
+        are closed at once, so their clients reconnect elsewhere; the others after their answer
+        (see `handle`)."""
         self._idle = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        if not self._active:
+        busy = {r.protocol for r in self._active.values()}
+        for conn in connections:
+            if conn not in busy:
+                conn.force_close()
+        if await self._until_idle(grace_s):
             return
         log.warning(
             "shutdown: %d requests still running after %.0f s; ending them",
@@ -749,8 +770,22 @@ class Gateway:
         self.stopping = True
         for task in list(self._active):
             task.cancel()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), end_s)
+        await self._until_idle(end_s)
+
+    async def _until_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is being handled, for at most `timeout_s`; whether none is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._active:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            # A fresh event each round: one set when the requests ran out may be out of date
+            # (another came in on an open connection since).
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), left)
+        return True
 
     # ---- small request helpers ---------------------------------------------------------------
 
@@ -790,7 +825,6 @@ class Gateway:
             ) from None
 
 
-CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 SHUTTING_DOWN = "gateway_shutting_down"
 
 
@@ -807,11 +841,6 @@ def context_length_exceeded(req: RequestFeatures, pool: str, largest: float) -> 
         None,
         CONTEXT_LENGTH_EXCEEDED,
     )
-
-
-def rt_refusal(rt: PoolRuntime, req: RequestFeatures) -> GatewayError:
-    """The pool's refusal of a request too large for it (every pool refused it)."""
-    return rt.queue.refusal(req, frozenset())
 
 
 def upstream_timeout(limit_s: float) -> GatewayError:
@@ -933,11 +962,11 @@ def _dropped(connection: str, drop: frozenset[str]) -> frozenset[str]:
     return drop if named <= drop else drop | named
 
 
-def upstream_headers(h: Mapping[str, str], rid: str, *, strip_auth: bool) -> list[tuple[str, str]]:
+def upstream_headers(h: MultiMapping[str], rid: str, *, strip_auth: bool) -> list[tuple[str, str]]:
     """The client's headers for the replica: hop-by-hop ones, the gateway's key and its
     x-request-id left out, ours added."""
     drop = _DROP_UP_AUTH if strip_auth else _DROP_UP
-    connection = h.get("Connection")
+    connection = ",".join(h.getall("Connection", ()))  # every Connection header names some
     if connection and connection.lower() not in _PLAIN_CONNECTION:
         drop = _dropped(connection, drop)
     out = [(k, v) for k, v in h.items() if k.lower() not in drop]
@@ -947,7 +976,7 @@ def upstream_headers(h: Mapping[str, str], rid: str, *, strip_auth: bool) -> lis
 
 def downstream_headers(resp: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
     drop = _DROP_DOWN
-    connection = resp.headers.get("Connection")
+    connection = ",".join(resp.headers.getall("Connection", ()))
     if connection and connection.lower() not in _PLAIN_CONNECTION:
         drop = _dropped(connection, drop)
     out = {k: v for k, v in resp.headers.items() if k.lower() not in drop}

@@ -14,10 +14,13 @@ refuses the arrival; a negative-priority request is queued only while the queue 
 full (it is the first to go when the fleet is saturated); a wait past the limit is refused. Every
 refusal is a 429 with Retry-After.
 
-A request no replica could ever hold (the picker's `EXCEEDS_KV`: its KV need is larger than the
-whole cache of every replica) is not queued at all: it would wait until its timeout and, at the
-head of the line, hold back everyone behind it. It is refused at once with the `too_large` error
-(400 `context_length_exceeded`), on arrival or whenever a drain finds it.
+A request no replica offered can hold (the picker's `EXCEEDS_KV`: its KV need is larger than the
+whole cache of each) is refused at once with the `too_large` error (400 `context_length_exceeded`)
+when no replica the pool knows could hold it either (ejected, unhealthy, terminating and excluded
+ones included): it would only wait until its timeout. When one of those could, the problem is
+transient: it waits like a saturated request, but without holding back the requests behind it
+(they fit replicas it cannot use). A request that excludes replicas (a retry) and that no other
+replica can hold is refused at once (the caller answers it as the failure it is).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import errors, metrics
-from gateway.errors import GatewayError
+from gateway.errors import CONTEXT_LENGTH_EXCEEDED, GatewayError
 from gateway.estimate import RequestFeatures
 from gateway.picker import Decision
 from gateway.policy import EXCEEDS_KV
@@ -42,9 +45,9 @@ ReleaseFn = Callable[[RequestFeatures, Decision], None]
 # The policy's release order within one priority: (features, arrived wall-clock s, now) -> key,
 # lowest first; e.g. `Headroom.queue_key`.
 QueueKeyFn = Callable[[RequestFeatures, float, float], float]
-# The refusal of a request no replica offered (all but the excluded ones) can ever hold, or None
-# while some replica could.
-TooLargeFn = Callable[[RequestFeatures, frozenset[str]], GatewayError | None]
+# The refusal of a request no replica the pool knows (whether offered or not) can ever hold, or
+# None while some replica could.
+TooLargeFn = Callable[[RequestFeatures], GatewayError | None]
 
 
 @dataclass(order=True)
@@ -84,22 +87,33 @@ class PoolQueue:
         return self._live
 
     async def acquire(
-        self, req: RequestFeatures, exclude: frozenset[str] = frozenset()
+        self,
+        req: RequestFeatures,
+        exclude: frozenset[str] = frozenset(),
+        picked: Decision | None = None,
     ) -> Decision:
         """A decision with a reserved replica, after waiting if the pool is saturated.
 
-        Raises GatewayError(429) when the request is shed, GatewayError(400) when no replica can
-        ever hold it. Cancelling the caller (the client went away) leaves the queue cleanly; a
-        reservation made in the same instant is handed back through `release`.
+        `picked`: the caller's own pick for the request, one that placed nothing, made while
+        nobody waited here (the pool is then not asked twice: one pick, one decision counted).
+        Raises GatewayError(429) when the request is shed, GatewayError(400,
+        `context_length_exceeded`) when no replica can ever hold it (see `unplaceable`).
+        Cancelling the caller (the client went away) leaves the queue cleanly; a reservation
+        made in the same instant is handed back through `release`.
         """
-        if self._live == 0:
-            d = self.pick(req, exclude)
-            if d.replica_id is not None:
-                return d
-            if d.reason == EXCEEDS_KV:
-                raise self.refusal(req, exclude)
+        if self._live:
+            picked = None  # others wait first: the order decides, not that pick
+        elif picked is None:
+            picked = self.pick(req, exclude)
+            if picked.replica_id is not None:
+                return picked
+        if picked is not None:
+            if picked.reason == EXCEEDS_KV:
+                err = self.unplaceable(req, exclude)
+                if err is not None:
+                    raise err
         elif self.too_large is not None:  # not picked (others wait first): check it apart
-            err = self.too_large(req, exclude)
+            err = self.too_large(req)
             if err is not None:
                 raise err
         self._admit_or_shed(req.priority)
@@ -115,7 +129,8 @@ class PoolQueue:
         heapq.heappush(self._heap, w)
         self._live += 1
         metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
-        self.drain()
+        if picked is None:  # others waited first; it may go ahead of them (a pick would say)
+            self.drain()
         try:
             async with asyncio.timeout(self.timeout_s):  # unlike wait_for, never eats a cancel
                 return await asyncio.shield(w.future)
@@ -146,16 +161,25 @@ class PoolQueue:
         if self.queue_key is not None:
             self._drain_keyed(self.queue_key)
             return
-        while self._heap:
-            w = self._heap[0]
-            if w.future.done():
+        passed: list[_Waiter] = []  # waiting for a replica that is away: others go past them
+        try:
+            while self._heap:
+                w = self._heap[0]
+                if w.future.done():
+                    heapq.heappop(self._heap)
+                    continue
+                d = self.pick(w.features, w.exclude)
+                if d.replica_id is None and d.reason != EXCEEDS_KV:
+                    return  # head of line still does not fit: nobody behind it jumps ahead
                 heapq.heappop(self._heap)
-                continue
-            d = self.pick(w.features, w.exclude)
-            if d.replica_id is None and d.reason != EXCEEDS_KV:
-                return  # head of line still does not fit: nobody behind it jumps ahead
-            heapq.heappop(self._heap)
-            self._answer(w, d)
+                out = d if d.replica_id is not None else self.unplaceable(w.features, w.exclude)
+                if out is None:
+                    passed.append(w)
+                else:
+                    self._answer(w, out)
+        finally:
+            for w in passed:
+                heapq.heappush(self._heap, w)
 
     def _drain_keyed(self, queue_key: QueueKeyFn) -> None:
         """`drain` in the policy's order. The keys are taken once per drain at one `now`: they
@@ -174,26 +198,40 @@ class PoolQueue:
             d = self.pick(w.features, w.exclude)
             if d.replica_id is None and d.reason != EXCEEDS_KV:
                 return  # the first in line still does not fit: nobody behind it jumps ahead
-            self._answer(w, d)  # left in the heap, answered: dropped lazily
+            out = d if d.replica_id is not None else self.unplaceable(w.features, w.exclude)
+            if out is not None:  # (None: it waits for a replica that is away; others go past)
+                self._answer(w, out)  # left in the heap, answered: dropped lazily
 
-    def _answer(self, w: _Waiter, d: Decision) -> None:
-        """A waiter leaves: with its replica, or refused when no replica can ever hold it."""
+    def _answer(self, w: _Waiter, out: Decision | GatewayError) -> None:
+        """A waiter leaves: with its replica, or refused."""
         self._live -= 1
         metrics.QUEUE_LENGTH.labels(self.pool).set(self._live)
-        if d.replica_id is None:
-            w.future.set_exception(self.refusal(w.features, w.exclude))
+        if isinstance(out, GatewayError):
+            w.future.set_exception(out)
         else:
-            w.future.set_result(d)
+            w.future.set_result(out)
 
-    def refusal(self, req: RequestFeatures, exclude: frozenset[str]) -> GatewayError:
-        """The 400 for a request too large for every replica (the pool's own words if it has
-        them)."""
-        err = self.too_large(req, exclude) if self.too_large is not None else None
-        return err or errors.bad_request(
-            f"This request needs more KV cache than any replica of pool {self.pool!r} holds. "
-            "Please reduce the length of the messages or completion.",
+    def unplaceable(self, req: RequestFeatures, exclude: frozenset[str]) -> GatewayError | None:
+        """The refusal of a request whose pick found no replica offered can hold it (the
+        picker's EXCEEDS_KV), or None when it should wait.
+
+        400 `context_length_exceeded` when no replica the pool knows can (`too_large`; without
+        that check, every such pick is refused), or when the request excludes replicas (a
+        retry: those that can hold it failed it or are away; its caller answers the failure,
+        not the request's length). None while one that can is only away (ejected, unhealthy,
+        terminating): a transient state, not the request's fault."""
+        if self.too_large is not None:
+            err = self.too_large(req)
+            if err is not None or not exclude:
+                return err
+            detail = "it may still go to "
+        else:
+            detail = ""
+        return errors.bad_request(
+            f"This request needs more KV cache than any replica of pool {self.pool!r} "
+            f"{detail}holds. Please reduce the length of the messages or completion.",
             None,
-            "context_length_exceeded",
+            CONTEXT_LENGTH_EXCEEDED,
         )
 
     def retry_after_s(self) -> float:

@@ -107,9 +107,11 @@ class GatewayConfig:
     ttft_target_s: float = 1.0
     ttft_per_1k_tokens_s: float = 0.2
     tpot_target_s: float = 0.1
-    # On SIGTERM requests in progress get this long to finish (under the Deployment's
-    # terminationGracePeriodSeconds, 60); streams still running then end with an SSE error event.
-    shutdown_timeout_s: float = 50.0
+    # On SIGTERM requests in progress get this long to finish; streams still running then end
+    # with an SSE error event. The pod's terminationGracePeriodSeconds (60) counts from the
+    # preStop hook (a 5 s sleep) and must also hold this, up to 5 s to end what still runs and
+    # aiohttp's last writes (2 x 2 s): 5 + 45 + 5 + 4 = 59.
+    shutdown_timeout_s: float = 45.0
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
+
+import pytest
 from prometheus_client import REGISTRY
 
 from gateway import metrics
 from gateway.estimate import Estimator
 from gateway.fleet import Endpoint, Fleet
+from gateway.policy import RateSeed
 from kvpilot.signals import ReplicaState
 
 NOW = 1_000.0
@@ -127,3 +133,50 @@ def test_a_replica_that_leaves_is_forgotten_by_ledger_metrics_and_policy() -> No
     assert not any(k[1:3] == ("p", "r1") for k in metrics._children)
     f.finish("r1", "q1", NOW)  # an answer that comes back after it left changes nothing
     assert REGISTRY.get_sample_value(series[0], {"pool": "p", "replica": "r1"}) is None
+
+
+def test_a_request_ending_on_a_shared_replica_wakes_every_pool_that_lists_it() -> None:
+    """The review's repro: the server has room again for pool b's waiters too."""
+    woken: list[str] = []
+    f = Fleet(on_change=woken.append)
+    f.set_endpoints("a", [Endpoint("r", "http://r:1")])
+    f.set_endpoints("b", [Endpoint("r", "http://r:1")])
+    f.start("r", Estimator().features("q", "m", "hi", 16), NOW, "a")
+    woken.clear()
+    f.finish("r", "q", NOW + 1, "a")
+    assert sorted(woken) == ["a", "b"]
+
+
+def test_kv_caches_cover_every_replica_the_pool_knows() -> None:
+    """Whether a request can ever fit is asked of every replica, pickable or not: ejected,
+    terminating, unhealthy, or with a stale state (a cache's size does not age)."""
+    f = Fleet(stale_after_s=5.0, eject_after=1, eject_for_s=10.0)
+    eps = [Endpoint(f"r{i}", f"http://10.0.0.{i}:8000", terminating=i == 3) for i in range(5)]
+    f.set_endpoints("p", eps)
+    for i, blocks in ((0, 1000), (1, 2000), (2, 3000), (3, 4000)):
+        s = state(i, NOW - 60 if i == 1 else NOW, healthy=i != 2)  # r1's is stale, r2 unwell
+        f.observe_state(dataclasses.replace(s, kv_blocks_total=blocks, kv_block_size=16))
+    assert f.failed("r0", NOW)  # ejected
+    assert {v.replica_id for v in f.views("p", NOW)} == {"r1", "r4"}  # all a pick is offered
+    caches = dict(f.kv_caches("p"))
+    assert caches == {
+        "r0": 16_000.0, "r1": 32_000.0, "r2": 48_000.0, "r3": 64_000.0, "r4": math.inf,
+    }  # fmt: skip
+    # No state: the pool's speed profile says, where it knows the cache.
+    f.profiles["p"] = RateSeed(kv_blocks_total=500, block_size=32)
+    assert dict(f.kv_caches("p"))["r4"] == 16_000.0
+
+
+def test_a_replica_that_cannot_be_ejected_is_logged_once_per_run_of_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dead replica of a pool of one fails every request sent to it: one line, not one per
+    request, until it answers again."""
+    f = fleet(1)  # eject_after 1
+    with caplog.at_level(logging.INFO, logger="gateway.fleet"):
+        for i in range(5):
+            assert not f.failed("r0", NOW + i)
+        f.succeeded("r0")
+        assert not f.failed("r0", NOW + 9)
+    said = [r for r in caplog.records if "not ejected" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO, logging.INFO]

@@ -7,19 +7,20 @@ Real HTTP on 127.0.0.1 against the small upstreams of tests/test_gateway_proxy.p
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from gateway.app import run_gateway
+from gateway.app import GATEWAY, run_gateway, start_gateway
 from gateway.estimate import Estimator
 from gateway.fleet import Endpoint, Fleet
-from gateway.proxy import Gateway
+from gateway.proxy import Gateway, RoutedError
 from kvpilot.config import parse_config
 from kvpilot.signals import ReplicaState
-from tests.test_gateway_proxy import MODEL, running, sample
+from tests.test_gateway_proxy import MODEL, closed_port_url, running, sample
 
 NOW = 1_000.0
 
@@ -224,3 +225,110 @@ def test_a_pool_mixing_gpu_types_seeds_each_replica_from_the_gpu_its_state_repor
     assert gw._seed_for("mixed", "nvidia-l4") is l4  # cached: one object per pool and GPU
     (c,) = fleet.views("l4s", NOW)
     assert c.profile is fleet.profiles["l4s"]  # the pool's own accelerator: its seed stands
+
+
+def kv_state(url: str, blocks: int, pool: str = "p", **fields: Any) -> ReplicaState:
+    """A fresh state of the replica at `url` with a KV cache of `blocks` x 16 tokens."""
+    return ReplicaState(
+        replica_id=url, address=url, pool=pool, kv_blocks_total=blocks, kv_block_size=16,
+        observed_at=time.time(), **fields,
+    )  # fmt: skip
+
+
+async def test_a_request_only_a_failed_replica_can_hold_is_502_not_400() -> None:
+    """The review's repro: the one replica big enough for the request refuses connections; the
+    retry finds only a smaller one. That is the replica's failure (502), not the request's: a
+    400 context_length_exceeded would tell the client never to send it again."""
+    async with running("ok") as (small,):
+        big = closed_port_url()
+        cfg = pools_config(
+            [{"name": "p", "models": [MODEL], "endpoints": [big, small.url]}], policy="headroom"
+        )
+        runner, base = await start_gateway(cfg, port=0)
+        try:
+            fleet = runner.app[GATEWAY].fleet
+            for url, blocks in ((big, 8000), (small.url, 2000)):  # 128k and 32k tokens
+                assert fleet.observe_state(kv_state(url, blocks))
+            body = {"model": MODEL, "prompt": HUGE, "max_tokens": 16}
+            async with aiohttp.ClientSession() as s, s.post(f"{base}/completions", json=body) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["code"] == "upstream_failed"
+        finally:
+            await runner.cleanup()
+    assert small.hits == 0
+
+
+async def test_a_request_only_an_ejected_replica_can_hold_waits_for_it() -> None:
+    """The review's other repro: the big replica is out for a while (one 503 ejected it). Its
+    ejection is transient: the request waits for it instead of being refused as too long."""
+    async with running("ok", "ok") as (big, small):
+        cfg = pools_config(
+            [{"name": "p", "models": [MODEL], "endpoints": [big.url, small.url]}],
+            policy="headroom",
+            eject_after_failures=1,
+            eject_for_s=0.3,
+        )
+        runner, base = await start_gateway(cfg, port=0)
+        try:
+            fleet = runner.app[GATEWAY].fleet
+            for url, blocks in ((big.url, 8000), (small.url, 2000)):
+                assert fleet.observe_state(kv_state(url, blocks))
+            assert fleet.failed(big.url, time.time(), "p")  # ejected
+            body = {"model": MODEL, "prompt": HUGE, "max_tokens": 16}
+            async with aiohttp.ClientSession() as s, s.post(f"{base}/completions", json=body) as r:
+                assert r.status == 200
+                assert (await r.json())["choices"][0]["text"] == "r0"
+        finally:
+            await runner.cleanup()
+    assert (big.hits, small.hits) == (1, 0)
+
+
+async def test_a_refusal_is_counted_under_the_pool_the_spilled_request_waited_in() -> None:
+    """Too large for pool a (one L4), so it waits in pool b (no replica yet) and times out
+    there: the 429 is pool b's, not the first pool's."""
+    async with running("ok") as (up,):
+        cfg = pools_config(
+            [
+                {"name": "a", "models": [MODEL], "endpoints": [up.url], "accelerator": "nvidia-l4"},
+                {"name": "b", "models": [MODEL]},
+            ],
+            policy="headroom",
+            queue_timeout_s=0.2,
+        )
+        labels = {"model": MODEL, "replica": "", "code": "429"}
+        before = {p: sample("kvpilot_gateway_requests_total", pool=p, **labels) for p in "ab"}
+        async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": HUGE, "max_tokens": 16}
+            async with s.post(f"{base}/completions", json=body) as r:
+                assert r.status == 429
+                assert "pool 'b'" in (await r.json())["error"]["message"]
+        after = {p: sample("kvpilot_gateway_requests_total", pool=p, **labels) for p in "ab"}
+    assert (after["a"] - before["a"], after["b"] - before["b"]) == (0, 1)
+    assert up.hits == 0
+
+
+async def test_a_spilled_request_is_picked_once_in_each_saturated_pool() -> None:
+    """Each pool's policy is asked once per request: the decision counters and pick times
+    count picks, and a second pick in the same instant can only say the same."""
+    cfg = pools_config(
+        [
+            {"name": "a", "models": [MODEL], "endpoints": ["http://10.0.0.1:8000"]},
+            {"name": "b", "models": [MODEL], "endpoints": ["http://10.0.0.2:8000"]},
+        ],
+        policy="headroom",
+        queue_timeout_s=0.05,
+    )
+    fleet = Fleet()
+    g = Gateway(cfg, fleet)
+    for pool, url in (("a", "http://10.0.0.1:8000"), ("b", "http://10.0.0.2:8000")):
+        fleet.set_endpoints(pool, [Endpoint(url, url)])
+        # a long queue on each: no replica meets the TTFT target, headroom holds the request
+        fleet.observe_state(kv_state(url, 2000, pool, waiting=1000, running=64))
+    labels = {"policy": "headroom", "reason": "saturated"}
+    before = {p: sample("kvpilot_gateway_decisions_total", pool=p, **labels) for p in "ab"}
+    req = Estimator().features("q1", MODEL, "hello", 16)
+    with pytest.raises(RoutedError) as e:
+        await g._spill(g.model_pools[MODEL], req)
+    assert (e.value.pool, e.value.error.status) == ("a", 429)
+    after = {p: sample("kvpilot_gateway_decisions_total", pool=p, **labels) for p in "ab"}
+    assert (after["a"] - before["a"], after["b"] - before["b"]) == (1, 1)

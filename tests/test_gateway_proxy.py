@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,8 +23,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
 from controller.kube import api_client
-from gateway.app import run_gateway
+from gateway.app import GATEWAY, run_gateway, start_gateway
 from kvpilot.config import parse_config
+from kvpilot.signals import ReplicaState
 
 MODEL = "llama-3.1-8b"
 
@@ -68,6 +70,13 @@ class Upstream:
         if self.mode == "hold":  # answers only once `release` is set (a long generation)
             await self.release.wait()
         if not body.get("stream"):
+            if self.mode == "hop":  # names a hop-by-hop header in a second Connection header
+                resp = web.json_response(_completion(self.name, chat))
+                resp.headers.add("Connection", "keep-alive")
+                resp.headers.add("Connection", "X-Hop-Down")
+                resp.headers["X-Hop-Down"] = "secret"
+                resp.headers["X-Keep-Down"] = "yes"
+                return resp
             if self.mode == "stall-body":  # headers and half the body, then nothing
                 data = orjson.dumps(_completion(self.name, chat))
                 head = web.StreamResponse(
@@ -465,6 +474,35 @@ async def test_a_slow_non_streaming_answer_is_504_not_a_replica_failure() -> Non
     assert sum(u.hits for u in ups) == 2  # each request went to one replica, once
     assert not any(rep["ejected"] for rep in fleet)
     assert sample("kvpilot_gateway_retries_total", pool="llama", reason="timeout") == retries
+
+
+async def test_a_504_counts_against_a_replica_whose_state_went_stale_too() -> None:
+    """A node that died silently looks like a slow generation: no answer in time. When the
+    replica's state has stopped coming as well (its agent or the scrape no longer hears from
+    it), the 504 counts toward its ejection; a replica whose state is fresh is only slow. Neither
+    request is retried."""
+    async with running("stall", "stall") as ups:
+        urls = [u.url for u in ups]
+        cfg = config(urls, first_byte_timeout_s=0.3, eject_after_failures=1)
+        runner, base = await start_gateway(cfg, port=0)
+        try:
+            fleet = runner.app[GATEWAY].fleet
+            for u, age in ((ups[0], 60.0), (ups[1], 0.0)):  # r0's last state is a minute old
+                state = ReplicaState(
+                    replica_id=u.url, address=u.url, pool="llama", observed_at=time.time() - age
+                )
+                assert fleet.observe_state(state)
+            async with aiohttp.ClientSession() as s:
+                body = {"model": MODEL, "prompt": "write a long story", "max_tokens": 2000}
+                for _ in range(2):  # round-robin: one to each
+                    async with s.post(f"{base}/completions", json=body) as r:
+                        assert r.status == 504
+                async with s.get(base.removesuffix("/v1") + "/debug/fleet") as r:
+                    pool = (await r.json())["pools"]["llama"]
+        finally:
+            await runner.cleanup()
+    assert [u.hits for u in ups] == [1, 1]
+    assert {rep["url"]: rep["ejected"] for rep in pool} == {urls[0]: True, urls[1]: False}
 
 
 async def test_body_stalled_after_headers_is_an_idle_timeout() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from typing import Any
 
 import pytest
@@ -322,6 +323,15 @@ def kv_views(n: int, blocks: int = 2000, at: float = 1_000.0) -> list[ReplicaVie
     ]
 
 
+def caches(views: list[ReplicaView]) -> list[tuple[str, float]]:
+    """What Fleet.kv_caches says of these replicas: (id, whole cache in tokens; inf: unknown)."""
+    return [
+        (v.replica_id, float(v.state.kv_blocks_total * 16) if v.state.kv_blocks_total else math.inf)
+        for v in views
+        if v.state is not None
+    ]
+
+
 def test_headroom_says_when_a_request_exceeds_every_whole_cache() -> None:
     h = Headroom(queue_when_saturated=True)
     views = kv_views(3)
@@ -329,16 +339,16 @@ def test_headroom_says_when_a_request_exceeds_every_whole_cache() -> None:
     assert huge.prompt_tokens + huge.expected_output_tokens > 32_000
     d = h.pick(huge, views, 1_000.0)
     assert d.replica_id is None and d.reason == EXCEEDS_KV
-    assert h.exceeds_kv_capacity(huge, views, 1_000.0) == 32_000
+    assert h.exceeds_kv_capacity(huge, caches(views)) == 32_000
     # One replica with a cache that holds it (when empty): it waits for room as before.
     bigger = views[:2] + kv_views(1, blocks=8000)[:1]
     bigger[2] = dataclasses.replace(bigger[2], replica_id="big")
-    assert h.exceeds_kv_capacity(huge, bigger, 1_000.0) is None
+    assert h.exceeds_kv_capacity(huge, caches(bigger)) is None
     small = EST.features("small", "m", "hello", 16)
     assert h.pick(small, views, 1_000.0).replica_id is not None
-    assert h.exceeds_kv_capacity(small, views, 1_000.0) is None
+    assert h.exceeds_kv_capacity(small, caches(views)) is None
     # A cache of unknown size may hold it: never refused on a guess.
-    assert h.exceeds_kv_capacity(huge, kv_views(2, blocks=0), 1_000.0) is None
+    assert h.exceeds_kv_capacity(huge, caches(kv_views(2, blocks=0))) is None
 
 
 async def test_a_request_too_large_for_every_replica_is_refused_at_once_not_queued() -> None:
@@ -354,8 +364,8 @@ async def test_a_request_too_large_for_every_replica_is_refused_at_once_not_queu
             return Decision(None, "saturated")
         return h.pick(req, replicas, 1_000.0)
 
-    def too_large(req: RequestFeatures, exclude: frozenset[str]) -> GatewayError | None:
-        largest = h.exceeds_kv_capacity(req, replicas, 1_000.0)
+    def too_large(req: RequestFeatures) -> GatewayError | None:
+        largest = h.exceeds_kv_capacity(req, caches(replicas))
         return (
             None
             if largest is None
@@ -394,3 +404,46 @@ async def test_a_request_too_large_for_every_replica_is_refused_at_once_not_queu
     with pytest.raises(GatewayError) as e:
         await stuck
     assert e.value.code == "context_length_exceeded" and len(q2) == 0
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_a_request_only_an_away_replica_can_hold_waits_without_holding_back_others(
+    keyed: bool,
+) -> None:
+    """Only a replica that is away for now (ejected, unhealthy, terminating) could hold the huge
+    request: it waits for that replica rather than being refused as too long, and the requests
+    behind it that fit the replicas there go past it meanwhile. A retry that excludes that
+    replica is refused at once (its caller answers 502: see test_gateway_pools.py)."""
+    h = Headroom(queue_when_saturated=True)
+    small = kv_views(2)  # 32k tokens each
+    big = dataclasses.replace(kv_views(1, blocks=8000)[0], replica_id="big")  # 128k
+    now = {"big_back": False, "busy": True}
+
+    def pick(req: RequestFeatures, exclude: frozenset[str]) -> Decision:
+        if now["busy"] and req.request_id.startswith("s"):
+            return Decision(None, "saturated")
+        offered = small + [big] if now["big_back"] else small
+        return h.pick(req, [v for v in offered if v.replica_id not in exclude], 1_000.0)
+
+    def too_large(req: RequestFeatures) -> GatewayError | None:
+        largest = h.exceeds_kv_capacity(req, caches(small + [big]))  # the pool knows big
+        return None if largest is None else errors.bad_request("too long", None, "x")
+
+    key = (lambda f, arrived, t: arrived) if keyed else None
+    q = PoolQueue("p", pick, lambda r, d: None, size=8, timeout_s=30, too_large=too_large)
+    q.queue_key = key
+    huge = asyncio.create_task(q.acquire(EST.features("huge", "m", "x" * 200_000, 16)))
+    await asyncio.sleep(0)
+    behind = [asyncio.create_task(q.acquire(EST.features(f"s{i}", "m", "hi", 16))) for i in (1, 2)]
+    await asyncio.sleep(0)
+    assert len(q) == 3 and not huge.done()
+    now["busy"] = False
+    q.drain()
+    assert {(await t).replica_id for t in behind} <= {"r0", "r1"}
+    assert len(q) == 1 and not huge.done()
+    now["big_back"] = True
+    q.drain()
+    assert (await huge).replica_id == "big"
+    with pytest.raises(GatewayError) as e:
+        await q.acquire(EST.features("huge2", "m", "x" * 200_000, 16), frozenset({"big"}))
+    assert e.value.code == "context_length_exceeded" and len(q) == 0

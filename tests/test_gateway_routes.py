@@ -97,6 +97,27 @@ async def test_headers_the_connection_header_names_are_not_forwarded(up: Upstrea
     assert plain == [("Accept", "*/*"), ("x-request-id", "rid")]
 
 
+async def test_every_connection_header_names_hop_by_hop_headers() -> None:
+    """A message may carry several Connection headers (RFC 9110 5.3: one list); the headers
+    a later one names are hop-by-hop too, on the way to the replica and back."""
+    async with (
+        running("hop") as (hop,),
+        run_gateway(config([hop.url]), port=0) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        hdrs = CIMultiDict(
+            [("Connection", "keep-alive"), ("Connection", "X-Hop"), ("X-Hop", "secret")]
+        )
+        hdrs["X-Keep"] = "yes"
+        body = {"model": MODEL, "prompt": "hi"}
+        async with s.post(f"{base}/completions", json=body, headers=hdrs) as r:
+            assert r.status == 200
+            back = {k.lower() for k in r.headers}
+    seen = {k.lower() for k in hop.headers[0]}
+    assert "x-hop" not in seen and "x-keep" in seen
+    assert "x-hop-down" not in back and "x-keep-down" in back
+
+
 async def test_unknown_models_are_counted_without_their_names(up: Upstream) -> None:
     before = sample("kvpilot_gateway_requests_total", pool="", model="", replica="", code="404")
     async with run_gateway(config([up.url]), port=0) as base, aiohttp.ClientSession() as s:
