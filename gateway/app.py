@@ -140,6 +140,16 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
 
     app.cleanup_ctx.append(lifecycle)
 
+    async def closing(request: web.Request, response: web.StreamResponse) -> None:
+        # While draining every answer says Connection: close, so a keep-alive client does not
+        # write its next request into a connection that is about to close.
+        if gateway.draining:
+            response.force_close()
+            # aiohttp fills in Connection before this hook runs: say it here too.
+            response.headers["Connection"] = "close"
+
+    app.on_response_prepare.append(closing)
+
     async def completions(request: web.Request) -> web.StreamResponse:
         return await gateway.handle(request, "completions")
 

@@ -295,11 +295,14 @@ class Fleet:
 
     def kv_caches(self, pool: str) -> Iterator[tuple[str, float]]:
         """(replica id, whole KV cache in tokens) of every replica the pool knows, pickable or
-        not (ejected, terminating, unhealthy): from its latest state however old (a cache's size
-        does not age), else its speed profile; infinite where neither says. What decides that a
-        request can never fit, as opposed to not now (lazily: the first that fits ends it)."""
+        not (ejected, unhealthy; not terminating ones, which never come back): from its latest
+        state however old (a cache's size does not age), else its speed profile; infinite where
+        neither says. What decides that a request can never fit, as opposed to not now (lazily:
+        the first that fits ends it)."""
         profile = self.profiles.get(pool)
         for r in self.pools.get(pool, _NONE).values():
+            if r.terminating:
+                continue  # never coming back: a replacement shows as a new endpoint
             st, seed = r.state, profile
             if st is not None and st.accelerator and self.seed_for is not None:
                 seed = self.seed_for(pool, st.accelerator) or profile

@@ -758,7 +758,7 @@ class Gateway:
         self._idle = asyncio.Event()
         busy = {r.protocol for r in self._active.values()}
         for conn in connections:
-            if conn not in busy:
+            if conn not in busy and _parked(conn):
                 conn.force_close()
         if await self._until_idle(grace_s):
             return
@@ -771,6 +771,10 @@ class Gateway:
         for task in list(self._active):
             task.cancel()
         await self._until_idle(end_s)
+
+    @property
+    def draining(self) -> bool:
+        return self._idle is not None
 
     async def _until_idle(self, timeout_s: float) -> bool:
         """Wait until no request is being handled, for at most `timeout_s`; whether none is."""
@@ -892,6 +896,15 @@ def pool_profile(pool: PoolConfig) -> RateSeed | None:
             e,
         )
         return None
+
+
+def _parked(conn: Any) -> bool:
+    """Whether an aiohttp connection is waiting for its next request (nothing read and not yet
+    handled: closing it loses nothing). A request read but whose handler has not run yet is not
+    in `_active` and must not be cut. aiohttp exposes no public test for this: its read loop
+    parks on `_waiter`; without that attribute (another aiohttp) no connection is cut early."""
+    waiter = getattr(conn, "_waiter", None)
+    return waiter is not None and not waiter.done()
 
 
 def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:

@@ -163,3 +163,37 @@ async def test_an_idle_keep_alive_connection_is_closed_at_once_on_shutdown() -> 
         finally:
             await runner.cleanup()
     assert rest.endswith(b"data: [DONE]\n\n") and b"error" not in rest
+
+
+@pytest.mark.parametrize("yields", [0, 1, 2])
+async def test_a_request_read_but_not_yet_handled_is_answered_with_connection_close(
+    yields: int,
+) -> None:
+    """A keep-alive client's next request can be in the connection's buffer (or its handler
+    task not started) when the shutdown begins: that connection is not idle, so it is not cut;
+    the request is answered, and the answer says Connection: close."""
+    async with running("ok", "ok") as (a, b):
+        runner, base = await start_gateway(two_pools(a.url, b.url, shutdown_timeout_s=5), port=0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", _port(base))
+            body = orjson.dumps({"model": "qwen-7b", "prompt": "hi"})
+            req = (
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            writer.write(req)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(n)
+            writer.write(req)  # the next request, sent before the shutdown begins
+            await writer.drain()
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            stopping = asyncio.create_task(runner.cleanup())
+            answer = await asyncio.wait_for(reader.read(), 10)
+            await asyncio.wait_for(stopping, 20)
+            writer.close()
+        finally:
+            await runner.cleanup()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"connection: close" in answer.split(b"\r\n\r\n")[0].lower()
