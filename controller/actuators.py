@@ -35,24 +35,26 @@ class KubeActuator:
             log.info("pool %s: not scaled: %s", t.name, e)
             return False
         if before == replicas:
-            # Already there when written (someone else's scale; rarely our own PUT that timed
-            # out after it applied): no Event claiming a change this controller made.
+            # Already there when written: someone else's scale (or, rarely, our own PUT that
+            # timed out after it applied, which then goes uncounted): no Event for it.
             log.info("pool %s: already at %d replicas", t.name, replicas)
             return False
-        # The reason and sizes are the decision's: a write that timed out but was applied
-        # re-reads as already done, and must not be reported as "4 -> 4".
-        reason = "ScaledUp" if replicas > d.current else "ScaledDown"
+        return True
+
+    async def record(self, t: PoolTarget, d: Decision) -> None:
+        """The Event for a scale that was written: apart from the write, so that a slow Event
+        API neither holds the write past the lease nor makes a done scale look failed."""
+        reason = "ScaledUp" if d.desired > d.current else "ScaledDown"
         try:
             await self.scaler.event(
                 t.scaling.kind,
                 t.pool.namespace,
                 t.workload,
                 reason=reason,
-                message=f"kvpilot scaled {d.current} -> {replicas}: {d.reason}",
+                message=f"kvpilot scaled {d.current} -> {d.desired}: {d.reason}",
             )
         except Exception as e:  # the scale happened; a lost Event must not undo or repeat it
             log.warning("event for %s not recorded: %s", t.name, e)
-        return True
 
 
 @dataclass
@@ -93,6 +95,10 @@ class GkeNodes:
         if self.api is None:
             return None  # plan without it
         return await read_gpu_inventory(self.api)
+
+    def reset(self) -> None:
+        """A new leadership term: another leader may have resized the node pools since."""
+        self._last.clear()
 
     async def apply(self, plans: dict[str, AcceleratorPlan], targets: Sequence[PoolTarget]) -> None:
         # Node pools come from the plans: the pools placed on them, on the accelerator the

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
@@ -67,6 +68,7 @@ async def serve(path: str, cfg: Config, *, once: bool = False, dry_run: bool = F
     async with aiohttp.ClientSession() as session, _stack(cfg, session) as (controller, closers):
         if once:
             await asyncio.sleep(min(2.0, cfg.controller.interval_s))  # let the watches connect
+            await _await_lease(controller, cfg)
             ds = await controller.tick()
             print(json.dumps({k: dataclasses.asdict(v) for k, v in ds.items()}, indent=2))
             return
@@ -77,6 +79,22 @@ async def serve(path: str, cfg: Config, *, once: bool = False, dry_run: bool = F
         watch.cancel()
         await task
         await runner.cleanup()
+
+
+async def _await_lease(controller: Controller, cfg: Config) -> None:
+    """--once: a lease another process held counts as live until this one has watched it for a
+    lease duration (client-go's rule), so wait that long for it rather than print nothing."""
+    if controller.leader is None or await controller.leader():
+        return
+    c = cfg.controller
+    log.info("--once: waiting up to %.0f s for the lease %s/%s", c.lease_duration_s + 5,
+             c.lease_namespace, c.lease_name)  # fmt: skip
+    deadline = time.monotonic() + c.lease_duration_s + 5
+    while time.monotonic() < deadline:
+        if await controller.leader():
+            return
+        await asyncio.sleep(0.5)
+    log.warning("--once: another controller holds the lease; deciding nothing")
 
 
 @contextlib.asynccontextmanager

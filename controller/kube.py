@@ -374,8 +374,7 @@ class LeaderElector:
     async def release(self) -> None:
         """On shutdown, hand the lease back (client-go's ReleaseOnCancel): the standby takes
         over at its next try instead of after a whole lease duration."""
-        if not self.is_leader:
-            return
+        # Not only when is_leader: a renewer cancelled mid-takeover may hold it without knowing.
         self.is_leader = False
         IS_LEADER.set(0)
         coord = client.CoordinationV1Api(self.api)

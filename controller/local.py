@@ -46,14 +46,17 @@ class LocalActuator:
                 len(t.pool.endpoints),
             )
             replicas = len(t.pool.endpoints)
+        changed = False
         for i, ep in enumerate(t.pool.endpoints):
             p = self.procs.get((t.name, i))
             alive = p is not None and p.returncode is None
             if i < replicas and not alive:
                 self.procs[(t.name, i)] = await self._start(t, ep)
+                changed = True
             elif i >= replicas and alive:
                 await self._stop(self.procs.pop((t.name, i)))
-        return True
+                changed = True
+        return changed
 
     async def _start(self, t: PoolTarget, endpoint: str) -> asyncio.subprocess.Process:
         port = urlsplit(endpoint).port or 80

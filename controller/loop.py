@@ -86,7 +86,8 @@ class Actuator(Protocol):
 
     async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> bool:
         """Scale; False when nothing was written (the size moved since the decision, or is
-        already the target)."""
+        already the target). Optional: `async def record(t, d)`, say why once it was written
+        (a Kubernetes Event), outside the write's lease bound."""
         ...
 
 
@@ -94,7 +95,8 @@ class NodeActuator(Protocol):
     async def apply(self, plans: dict, targets: Sequence[PoolTarget]) -> None: ...
 
     # Optional: `async def inventory() -> dict[str, AcceleratorInventory] | None`, the cluster's
-    # GPU nodes and Pending GPU pods (see _nodes_inventory).
+    # GPU nodes and Pending GPU pods (see _nodes_inventory); `def reset()`, forget what it
+    # cached of the cluster (a new leadership term).
 
 
 def targets(cfg: Config) -> list[PoolTarget]:
@@ -151,6 +153,9 @@ class Controller:
             else:
                 kept[t.name] = old if old.cfg == t.scaling else old.with_settings(t.scaling)
         self.autoscalers = kept
+        for pool in self._exported - kept.keys():  # a pool the new config dropped
+            self._unexport(pool)
+            self._exported.discard(pool)
 
     async def tick(self) -> dict[str, Decision]:
         if not await self._leading():
@@ -162,7 +167,12 @@ class Controller:
             # idle clock) is stale; start as a fresh one, which waits out the window.
             self.autoscalers = {t.name: ReplicaAutoscaler(t.scaling) for t in self.targets}
             self._node_demands.clear()
+            reset = getattr(self.nodes, "reset", None)
+            if reset is not None:
+                reset()
         self._led = True
+        # One tick on one config: a reload during an await here must not mix old and new.
+        tick_targets, autoscalers = self.targets, self.autoscalers
         now = self.clock()
         by_pool: dict[str, list[ReplicaState]] = {}
         for s in self.states():
@@ -175,7 +185,7 @@ class Controller:
                 ERRORS.labels("*", "demand").inc()
                 log.error("cannot read the gateways' demand: %s", e)
         decisions: dict[str, Decision] = {}
-        for t in self.targets:
+        for t in tick_targets:
             try:
                 current = await self.actuator.get_replicas(t)
             except Exception as e:
@@ -183,7 +193,7 @@ class Controller:
                 log.error("pool %s: cannot read its size, holding: %s", t.name, e)
                 continue
             pd = demand.get(t.name, PoolDemand())
-            d = self.autoscalers[t.name].decide(
+            d = autoscalers[t.name].decide(
                 PoolObservation(current, by_pool.get(t.name, ()), pd.held, pd.arrival_rate_rps),
                 now,
             )
@@ -235,13 +245,18 @@ class Controller:
             return
         log.info("pool %s: scale %d -> %d (%s)", t.name, d.current, d.desired, d.reason)
         try:
-            if await self._bounded(self.actuator.set_replicas(t, d.desired, d)):
-                SCALE_ACTIONS.labels(t.name, direction, "false").inc()
+            wrote = await self._bounded(self.actuator.set_replicas(t, d.desired, d))
         except Exception as e:
             ERRORS.labels(t.name, "write").inc()
             log.error(
                 "pool %s: scaling to %d failed, will retry next tick: %s", t.name, d.desired, e
             )
+            return
+        if wrote:
+            SCALE_ACTIONS.labels(t.name, direction, "false").inc()
+            record = getattr(self.actuator, "record", None)
+            if record is not None:
+                await record(t, d)
 
     async def _nodes(self, decisions: dict[str, Decision]) -> None:
         held = self._node_demands

@@ -627,6 +627,78 @@ async def test_an_ex_leader_drops_every_gauge_it_exported(cluster: Any) -> None:
     assert gauge("kvpilot_controller_gpus_needed", accelerator="nvidia-l4") is None
 
 
+async def test_a_slow_event_neither_fails_nor_uncounts_a_done_scale(cluster: Any) -> None:
+    """The Event is recorded after the write, outside its lease bound: an Event API that hangs
+    past the bound leaves a scale that happened counted as one, not as a failed write."""
+    k8s, api = cluster
+    now = 5000.0
+    k8s.fail(lambda r: r.resource is not None and r.resource.plural == "events", "hang", times=4)
+
+    async def leader() -> bool:
+        return True
+
+    ctl = Controller(
+        loop_config(),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now),
+        clock=lambda: now,
+        leader=leader,
+        lease_left=lambda: 0.5,  # the Event's retries take longer than this
+    )
+    errors = gauge("kvpilot_controller_errors_total", pool="llama", op="write") or 0
+    actions = (
+        gauge(
+            "kvpilot_controller_scale_actions_total", pool="llama", direction="up", dry_run="false"
+        )
+        or 0
+    )
+    await ctl.tick()
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 4
+    assert (gauge("kvpilot_controller_errors_total", pool="llama", op="write") or 0) == errors
+    assert (
+        gauge(
+            "kvpilot_controller_scale_actions_total", pool="llama", direction="up", dry_run="false"
+        )
+        == actions + 1
+    )
+
+
+async def test_a_new_term_makes_the_node_actuator_forget_its_cache(cluster: Any) -> None:
+    _, api = cluster
+    now = 5000.0
+    leading = [True]
+
+    async def leader() -> bool:
+        return leading[0]
+
+    class Nodes:
+        resets = 0
+
+        async def apply(self, plans: Any, targets: Any) -> None:
+            pass
+
+        def reset(self) -> None:
+            self.resets += 1
+
+    nodes = Nodes()
+    ctl = Controller(
+        loop_config(),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now),
+        clock=lambda: now,
+        leader=leader,
+        nodes=nodes,
+    )
+    await ctl.tick()  # the first term
+    await ctl.tick()
+    assert nodes.resets == 1
+    leading[0] = False
+    await ctl.tick()
+    leading[0] = True
+    await ctl.tick()  # a new term: another leader may have resized the node pools meanwhile
+    assert nodes.resets == 2
+
+
 async def test_a_write_is_cut_off_at_the_renew_deadline(cluster: Any) -> None:
     k8s, api = cluster
     now = 5000.0
