@@ -1,16 +1,19 @@
 """The floor under any aiohttp proxy: the least an aiohttp server + one shared ClientSession costs.
 
-    python bench/aiohttp_floor.py --port 9002 --upstream http://127.0.0.1:9001
+    python bench/aiohttp_floor.py --port 9002 --upstream http://127.0.0.1:9001 [--processes N]
 
 bench/proxy.py measures it beside the gateway, so the table separates what aiohttp itself costs a
 proxied request (parse, forward, relay: this file) from what kvpilot's gateway adds on top
 (validation, features, the pick, the in-flight account, retries, timeouts, metrics). No routing,
 no checks, one upstream; the same event loop (uvloop) and session settings as the gateway.
+`--processes N` runs N of them on one port (SO_REUSEPORT), as `gateway.workers: N` does, so
+that a many-worker gateway is compared with a floor of as many processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -57,11 +60,25 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9002)
     ap.add_argument("--upstream", required=True)
+    ap.add_argument("--processes", type=int, default=1)
     args = ap.parse_args()
+    serve = (args.upstream.rstrip("/"), args.host, args.port, args.processes > 1)
+    # daemonic: run_app exits cleanly on SIGTERM, and multiprocessing then ends the others
+    others = [
+        multiprocessing.Process(target=_serve, args=serve, daemon=True)
+        for _ in range(args.processes - 1)
+    ]
+    for p in others:
+        p.start()
+    _serve(*serve)
+
+
+def _serve(upstream: str, host: str, port: int, reuse_port: bool) -> None:
     web.run_app(
-        build(args.upstream.rstrip("/")),
-        host=args.host,
-        port=args.port,
+        build(upstream),
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
         access_log=None,
         print=None,
         loop=uvloop.new_event_loop(),

@@ -3,13 +3,14 @@
     .venv/bin/python bench/proxy.py [--duration 5] [--repeat 3] [--workers 2[,4...]] [--rate 1000]
                                     [--threads 1] [--backend-processes 1] [--unshared]
                                     [--runs max,paced,stream] [--paced-duration S]
-                                    [--skip single,floor,vllm-router,nginx]
+                                    [--skip single,floor,floors,vllm-router,nginx]
 
 Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
 that the machine's load drifts over all of them alike): the backend itself
 (bench/fixed_backend.py), the kvpilot gateway (`kvpilot gateway`, headroom policy, one process,
 and with `--workers N[,M...]` also N (M...) worker processes on one port), the aiohttp floor
-(bench/aiohttp_floor.py: the least an aiohttp server + ClientSession proxy costs), vllm-router
+(bench/aiohttp_floor.py: the least an aiohttp server + ClientSession proxy costs; one process,
+and as many processes as each multi-worker gateway), vllm-router
 (`--policy round_robin`, when installed) and nginx as a plain reverse proxy with upstream
 keep-alive (when installed). For
 each target and repetition:
@@ -51,6 +52,7 @@ MODEL = "fixed"
 SKIPPABLE = {
     "single": "kvpilot gateway",
     "floor": "aiohttp floor (minimal proxy)",
+    "floors": "aiohttp floor (N processes)",  # one per multi-worker gateway, as many processes
     "vllm-router": "vllm-router",
     "nginx": "nginx",
 }
@@ -248,7 +250,8 @@ def main() -> int:
     ap.add_argument("--paced-duration", type=int, default=0, help="seconds (default --duration)")
     ap.add_argument(
         "--skip", default="", help="targets left out: single (one-process gateway), floor, "
-        "vllm-router, nginx (comma list)"
+        "floors (the floors with as many processes as each multi-worker gateway), vllm-router, "
+        "nginx (comma list)"
     )  # fmt: skip
     args = ap.parse_args()
     duration = min(args.duration, 15)
@@ -289,10 +292,14 @@ def main() -> int:
             name = name.replace(")", ", unshared)") if sync == 0.0 else name
             cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
             commands.append((name, [*cmd, "--log-level", "WARNING"], gport, True))
-        fport = free_port()
-        floor = [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport)]
-        floor += ["--upstream", f"http://127.0.0.1:{bport}"]
-        commands.append((SKIPPABLE["floor"], floor, fport, True))
+        for w in [1] + sorted({w for w, _ in gateways if w > 1}):
+            # The floor beside each gateway size: a 16-worker gateway against a one-process
+            # floor would credit the floor's tail to kvpilot's work (or the reverse).
+            fport = free_port()
+            floor = [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport)]
+            floor += ["--upstream", f"http://127.0.0.1:{bport}", "--processes", str(w)]
+            name = SKIPPABLE["floor"] if w == 1 else f"aiohttp floor ({w} processes)"
+            commands.append((name, floor, fport, True))
         router = shutil.which("vllm-router") or str(Path(PY).parent / "vllm-router")
         if Path(router).exists():
             rport = free_port()
@@ -310,6 +317,8 @@ def main() -> int:
         else:
             notes.append("nginx not installed: not measured")
         left_out = {SKIPPABLE[k] for k in skip}
+        if "floors" in skip:
+            left_out |= {c[0] for c in commands if c[0].endswith(" processes)")}
         commands = [c for c in commands if c[0] not in left_out]
 
         backend = stack.enter_context(started(backend_cmd, bport))
