@@ -193,7 +193,10 @@ class AutoscaleSimulation(Simulation):
         obs = self._observe(t)
         scale = self.autoscaler.decide(obs, t)  # type: ignore[attr-defined]
         self.decisions += 1
-        if scale.replicas != obs.spec_replicas and self.count_from_s <= t < self.count_until_s:
+        changed = scale.replicas != obs.spec_replicas or scale.placeholders != len(
+            cl.placeholders()
+        )  # placeholder pods asked for or given back are scaling actions too
+        if changed and self.count_from_s <= t < self.count_until_s:
             self.scale_actions += 1
         if self.log is not None:
             self.log.append((t, obs.spec_replicas, scale.replicas, scale.reason))

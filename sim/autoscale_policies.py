@@ -110,6 +110,9 @@ class HpaBehavior:
     _events: deque[tuple[float, int]] = field(default_factory=deque)  # (time, replica change)
 
     def apply(self, current: int, recommendation: int, now: float) -> int:
+        if not self._recs:
+            # Kubernetes' recordInitialRecommendation: the size found at start is in the window.
+            self._recs.append((now, current))
         up, down = recommendation, recommendation
         for t, r in self._recs:
             if t > now - self.up_window_s:
@@ -251,7 +254,7 @@ class KnativeKpa:
         down_floor = math.floor(ready / self.max_scale_down_rate)
         stable_pods = min(max(math.ceil(stable / per_pod), down_floor), up_cap)
         panic_pods = min(max(math.ceil(panic / per_pod), down_floor), up_cap)
-        over = (panic / per_pod) / ready >= self.panic_threshold
+        over = math.ceil(panic / per_pod) / ready >= self.panic_threshold  # Knative's dppc
         if over:
             self._panic_since = now
         elif self._panic_since is not None and self._panic_since + self.stable_window_s < now:

@@ -138,8 +138,9 @@ def test_kpa_panic_triggers_and_holds_then_ends() -> None:
     for t in range(66, 120, 2):
         d = p.decide(kpa_obs(float(t), 1, 2), float(t))
         assert d.replicas == 10, t
-    # ... until a stable window has passed without crossing the threshold
-    for t in range(120, 130, 2):
+    # ... until a stable window has passed without crossing the threshold (the last crossing
+    # is at 68 s: ceil(24.7 / 7) = 4 pods wanted = 2x ready, Knative rounds before comparing)
+    for t in range(120, 132, 2):
         d = p.decide(kpa_obs(float(t), 1, 2), float(t))
     assert not p.panicking
     assert d.replicas == 1  # max scale-down rate 2: floor(2 / 2) = 1
@@ -217,3 +218,12 @@ def test_kvpilot_uses_the_controller_at_defaults() -> None:
 def test_make_policy_rejects_unknown() -> None:
     with pytest.raises(ValueError, match="unknown autoscaling policy"):
         make_policy("vpa", 1, LIM)
+
+
+def test_hpa_records_its_initial_recommendation() -> None:
+    """Kubernetes' recordInitialRecommendation: a new HPA does not drop the size it found at
+    its first decision, it waits out the scale-down window."""
+    b = HpaBehavior(LIM)
+    assert b.apply(4, 1, 60.0) == 4
+    assert b.apply(4, 1, 300.0) == 4
+    assert b.apply(4, 1, 361.0) == 1
