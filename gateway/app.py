@@ -140,21 +140,19 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
 
     app.cleanup_ctx.append(lifecycle)
 
-    async def closing(request: web.Request, response: web.StreamResponse) -> None:
-        # While draining every answer says Connection: close, so a keep-alive client does not
-        # write its next request into a connection that is about to close.
-        if gateway.draining:
+    def closing(response: web.StreamResponse) -> web.StreamResponse:
+        # While draining, an answer not yet sent says Connection: close, so a keep-alive client
+        # does not write its next request into a connection that is about to close. (A check
+        # here, not an on_response_prepare hook: that would be one more await per response.)
+        if gateway.draining and not response.prepared:
             response.force_close()
-            # aiohttp fills in Connection before this hook runs: say it here too.
-            response.headers["Connection"] = "close"
-
-    app.on_response_prepare.append(closing)
+        return response
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        return await gateway.handle(request, "completions")
+        return closing(await gateway.handle(request, "completions"))
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        return await gateway.handle(request, "chat/completions")
+        return closing(await gateway.handle(request, "chat/completions"))
 
     async def models(request: web.Request) -> web.Response:
         try:
