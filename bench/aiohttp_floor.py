@@ -13,12 +13,12 @@ that a many-worker gateway is compared with a floor of as many processes.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 from collections.abc import AsyncIterator
 
 import aiohttp
 import uvloop
 from aiohttp import web
+from fixed_backend import serve_processes  # bench/ is the script's directory
 
 
 def build(upstream: str) -> web.Application:
@@ -63,14 +63,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1)
     args = ap.parse_args()
     serve = (args.upstream.rstrip("/"), args.host, args.port, args.processes > 1)
-    # daemonic: run_app exits cleanly on SIGTERM, and multiprocessing then ends the others
-    others = [
-        multiprocessing.Process(target=_serve, args=serve, daemon=True)
-        for _ in range(args.processes - 1)
-    ]
-    for p in others:
-        p.start()
-    _serve(*serve)
+    serve_processes(_serve, serve, args.processes)
 
 
 def _serve(upstream: str, host: str, port: int, reuse_port: bool) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -110,15 +112,15 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--processes", type=int, default=1)
     args = ap.parse_args()
-    serve = (args.chunks, args.host, args.port, args.processes > 1)
-    # daemonic: run_app exits cleanly on SIGTERM, and multiprocessing then ends the others
-    others = [
-        multiprocessing.Process(target=_serve, args=serve, daemon=True)
-        for _ in range(args.processes - 1)
-    ]
-    for p in others:
-        p.start()
-    _serve(*serve)
+    serve_processes(_serve, (args.chunks, args.host, args.port, args.processes > 1), args.processes)
+
+
+def serve_processes(serve: Callable[..., None], args: tuple[Any, ...], processes: int) -> None:
+    """`serve(*args)` here and in `processes - 1` more processes (the same port, SO_REUSEPORT):
+    daemonic, so when run_app here exits on SIGTERM multiprocessing ends the others."""
+    for _ in range(processes - 1):
+        multiprocessing.Process(target=serve, args=args, daemon=True).start()
+    serve(*args)
 
 
 def _serve(chunks: int, host: str, port: int, reuse_port: bool) -> None:

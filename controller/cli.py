@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller.loop import Controller, PoolTarget
+from controller.loop import Controller, planned_accelerator
 from kvpilot.config import Config, ConfigError, load_or_exit, parse_listen, watch_config
 from kvpilot.signals import ReplicaState
 from kvpilot.tasks import cancel_and_wait
@@ -119,7 +119,6 @@ async def _stack(
         from controller.actuators import GkeNodes, KubeActuator, PlaceholderNodes
         from controller.gke import GkeNodePools
         from controller.kube import KubeScaler, LeaderElector, Placeholders, load_api_client
-        from controller.planner import cheapest_accelerator
 
         api = await load_api_client()
         closers.append(api.close)
@@ -164,16 +163,6 @@ async def _stack(
 
             closers.append(stop_elector)
 
-        def accelerator_for(t: PoolTarget) -> str:
-            if t.scaling.accelerators:
-                return (
-                    cheapest_accelerator(
-                        t.pool.models[0], t.scaling.accelerators, t.pool.gpus_per_replica
-                    )
-                    or t.pool.accelerator
-                )
-            return t.pool.accelerator
-
         yield (
             Controller(
                 cfg,
@@ -182,7 +171,7 @@ async def _stack(
                 nodes=nodes,
                 leader=leader,
                 lease_left=lease_left,
-                accelerator_for=accelerator_for,
+                accelerator_for=planned_accelerator,
                 demand=demand,
             ),
             closers,

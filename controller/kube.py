@@ -383,31 +383,34 @@ class LeaderElector:
         if spec is None or spec.holder_identity != self.identity:
             return
         now = self.clock()
-        body = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": self.name,
-                "namespace": self.namespace,
-                "resourceVersion": lease.metadata.resource_version,
-            },
-            "spec": {
-                "holderIdentity": "",
-                "leaseDurationSeconds": 1,
-                "acquireTime": _micro_time(now),
-                "renewTime": _micro_time(now),
-                "leaseTransitions": spec.lease_transitions or 0,
-            },
-        }
+        body = self._body(
+            lease.metadata.resource_version,
+            self._spec(now, now, spec.lease_transitions or 0, holder=""),
+        )
         await coord.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=2)
 
-    def _spec(self, now: float, acquire: float, transitions: int) -> dict[str, Any]:
+    def _spec(
+        self, now: float, acquire: float, transitions: int, holder: str | None = None
+    ) -> dict[str, Any]:
+        """Our record; `holder=""` gives the lease back (a 1 s lease nobody holds)."""
         return {
-            "holderIdentity": self.identity,
-            "leaseDurationSeconds": int(round(self.lease_duration_s)),
+            "holderIdentity": self.identity if holder is None else holder,
+            "leaseDurationSeconds": int(round(self.lease_duration_s)) if holder is None else 1,
             "acquireTime": _micro_time(acquire),
             "renewTime": _micro_time(now),
             "leaseTransitions": transitions,
+        }
+
+    def _body(self, resource_version: str | None, spec: dict[str, Any]) -> dict[str, Any]:
+        """A Lease to write: on a version read, it lands only on that version (409 otherwise)."""
+        meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if resource_version is not None:
+            meta["resourceVersion"] = resource_version
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": meta,
+            "spec": spec,
         }
 
     async def _try(self) -> bool:
@@ -424,12 +427,7 @@ class LeaderElector:
         except ApiException as e:
             if e.status != 404:
                 raise
-            body = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": self._spec(now, now, 0),
-            }
+            body = self._body(None, self._spec(now, now, 0))
             try:
                 await call(
                     "create_lease",
@@ -460,16 +458,7 @@ class LeaderElector:
             acquire = _parse_time(spec.acquire_time) or now
         else:
             transitions += 1
-        body = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": self.name,
-                "namespace": self.namespace,
-                "resourceVersion": lease.metadata.resource_version,
-            },
-            "spec": self._spec(now, acquire, transitions),
-        }
+        body = self._body(lease.metadata.resource_version, self._spec(now, acquire, transitions))
         try:
             await call(
                 "replace_lease",

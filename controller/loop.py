@@ -99,6 +99,20 @@ class NodeActuator(Protocol):
     # cached of the cluster (a new leadership term).
 
 
+def planned_accelerator(t: PoolTarget) -> str:
+    """The accelerator a pool grows on: with several `accelerators`, the planner's cheapest per
+    output token (controller/planner.py), else its `accelerator`. Raises for a model the planner
+    does not know (the loop falls back, see _nodes_accelerator)."""
+    if t.scaling.accelerators:
+        from controller.planner import cheapest_accelerator
+
+        chosen = cheapest_accelerator(
+            t.pool.models[0], t.scaling.accelerators, t.pool.gpus_per_replica
+        )
+        return chosen or t.pool.accelerator
+    return t.pool.accelerator
+
+
 def targets(cfg: Config) -> list[PoolTarget]:
     return [PoolTarget(p, cfg.controller.pools.get(p.name, PoolScalingConfig())) for p in cfg.pools]
 

@@ -239,8 +239,7 @@ class Fleet:
                 state, until = None, math.inf  # too old to trust: route on in-flight counts alone
             elif not state.healthy:
                 return None, until  # its agent says it stopped answering
-        if state is not None and state.accelerator and self.seed_for is not None:
-            profile = self.seed_for(r.pool, state.accelerator) or profile
+        profile = self._seed(r.pool, state, profile)
         inflight = self._inflight(r.replica_id)
         if (
             v is None
@@ -303,9 +302,8 @@ class Fleet:
         for r in self.pools.get(pool, _NONE).values():
             if r.terminating:
                 continue  # never coming back: a replacement shows as a new endpoint
-            st, seed = r.state, profile
-            if st is not None and st.accelerator and self.seed_for is not None:
-                seed = self.seed_for(pool, st.accelerator) or profile
+            st = r.state
+            seed = self._seed(pool, st, profile)
             blocks = (st.kv_blocks_total if st is not None else 0) or (
                 seed.kv_blocks_total if seed is not None else 0
             )
@@ -313,6 +311,15 @@ class Fleet:
                 seed.block_size if seed is not None else 0
             )
             yield r.replica_id, float(blocks * size) if blocks > 0 and size > 0 else math.inf
+
+    def _seed(
+        self, pool: str, state: ReplicaState | None, profile: RateSeed | None
+    ) -> RateSeed | None:
+        """A replica's speed seed: from the GPU its state reports when the gateway knows one
+        (pools mixing GPU types), else the pool's."""
+        if state is not None and state.accelerator and self.seed_for is not None:
+            return self.seed_for(pool, state.accelerator) or profile
+        return profile
 
     def signal_lost(self, replica_id: str, pool: str, now: float) -> bool:
         """Whether the replica had a state and none came within `stale_after_s` since: its agent

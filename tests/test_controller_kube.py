@@ -178,18 +178,27 @@ async def test_scale_subresource_read_and_write(
     assert await s.get_replicas(kind, "ml", name) == 5
 
 
-async def test_conflict_rereads_and_retries(cluster: Any) -> None:
-    k8s, api = cluster
-    # Someone else writes between our read and our write: the first PUT carries a stale version.
+def someone_writes_before_our_first_put(k8s: Cluster, spec: dict[str, Any] | None = None) -> None:
+    """Another writer changes the llama Deployment between our read and our first PUT, which
+    then carries a stale resourceVersion (409)."""
     state = {"n": 0}
 
     def first_put(r: kmock.Request) -> bool:
         if r.subresource == "scale" and r.method == kmock.method.PUT and state["n"] == 0:
             state["n"] = 1
-            k8s.objects[DEPLOY, "ml", "llama"].patch({"metadata": {"resourceVersion": "999"}})
+            patch: dict[str, Any] = {"metadata": {"resourceVersion": "999"}}
+            if spec is not None:
+                patch["spec"] = spec
+            k8s.objects[DEPLOY, "ml", "llama"].patch(patch)
         return False
 
     k8s.fail(first_put, 0)
+
+
+async def test_conflict_rereads_and_retries(cluster: Any) -> None:
+    k8s, api = cluster
+    # Someone else writes between our read and our write: the first PUT carries a stale version.
+    someone_writes_before_our_first_put(k8s)
     s = KubeScaler(api, FAST)
     await s.set_replicas("Deployment", "ml", "llama", 4)
     assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 4
@@ -201,17 +210,7 @@ async def test_a_size_changed_since_the_decision_is_not_overwritten(cluster: Any
     k8s, api = cluster
     # Someone scaled to 5 between our read (2) and our write, and our first PUT hits a 409:
     # the re-read shows 5, which the decision (2 -> 4) was not made from, so nothing is written.
-    state = {"n": 0}
-
-    def first_put(r: kmock.Request) -> bool:
-        if r.subresource == "scale" and r.method == kmock.method.PUT and state["n"] == 0:
-            state["n"] = 1
-            k8s.objects[DEPLOY, "ml", "llama"].patch(
-                {"metadata": {"resourceVersion": "999"}, "spec": {"replicas": 5}}
-            )
-        return False
-
-    k8s.fail(first_put, 0)
+    someone_writes_before_our_first_put(k8s, {"replicas": 5})
     with pytest.raises(SizeChanged, match="5 replicas now, decided from 2"):
         await KubeScaler(api, FAST).set_replicas("Deployment", "ml", "llama", 4, expect=2)
     assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 5

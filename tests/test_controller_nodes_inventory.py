@@ -15,9 +15,8 @@ from prometheus_client import REGISTRY
 
 from controller.actuators import GkeNodes, PlaceholderNodes
 from controller.kube import Placeholders, Retry, api_client, read_gpu_inventory
-from controller.loop import Controller, PoolTarget
+from controller.loop import Controller, PoolTarget, planned_accelerator
 from controller.nodepools import AcceleratorInventory, AcceleratorPlan
-from controller.planner import cheapest_accelerator
 from controller.replicas import Decision
 from kvpilot.config import parse_config
 
@@ -205,16 +204,6 @@ async def test_an_unknown_model_does_not_stop_node_planning(
         lost=({"models": ["my-other-finetune"]}, several),
     )
 
-    def accelerator_for(t: PoolTarget) -> str:  # as `kvpilot controller` chooses
-        if t.scaling.accelerators:
-            return (
-                cheapest_accelerator(
-                    t.pool.models[0], t.scaling.accelerators, t.pool.gpus_per_replica
-                )
-                or t.pool.accelerator
-            )
-        return t.pool.accelerator
-
     nodes = Recording(Placeholders(api, "kvpilot-placeholders", retry=FAST))
     ctl = Controller(
         cfg,
@@ -222,7 +211,7 @@ async def test_an_unknown_model_does_not_stop_node_planning(
         lambda: [],
         nodes=nodes,
         clock=lambda: 1e4,
-        accelerator_for=accelerator_for,
+        accelerator_for=planned_accelerator,  # as `kvpilot controller` chooses
     )
     before = errors("odd", "accelerator")
     with caplog.at_level(logging.ERROR, logger="controller.loop"):

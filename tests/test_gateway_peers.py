@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,20 @@ from gateway.peers import HEADER, PeerAccounts
 NOW = 1_000.0
 
 
-def test_a_worker_reads_what_another_published(tmp_path: Path) -> None:
-    mine: dict[str, InFlight] = {"r1": InFlight(2, 100, 10, 1, 100, 20)}
+@contextmanager
+def two_workers(
+    tmp_path: Path, mine: dict[str, InFlight]
+) -> Iterator[tuple[PeerAccounts, PeerAccounts]]:
+    """Worker 0 publishes `mine` (at once: no loop), worker 1 reads; both closed after."""
     a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
     b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
     with closing(a), closing(b):
+        yield a, b
+
+
+def test_a_worker_reads_what_another_published(tmp_path: Path) -> None:
+    mine: dict[str, InFlight] = {"r1": InFlight(2, 100, 10, 1, 100, 20)}
+    with two_workers(tmp_path, mine) as (a, b):
         a.changed()  # no loop: published at once
         assert b.poll(NOW) == {"r1"}
         assert b.totals == {"r1": InFlight(2, 100, 10, 1, 100, 20)}
@@ -34,9 +44,7 @@ def test_a_worker_reads_what_another_published(tmp_path: Path) -> None:
 
 def test_a_torn_write_keeps_the_last_good_copy(tmp_path: Path) -> None:
     mine = {"r1": InFlight(1, 10, 1, 1, 10, 2)}
-    a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
-    b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
-    with closing(a), closing(b):
+    with two_workers(tmp_path, mine) as (a, b):
         a.changed()
         b.poll(NOW)
         seq, length = HEADER.unpack_from(a._own, 0)
@@ -168,9 +176,7 @@ async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_bef
 
 def test_a_peer_rewriting_the_same_totals_changes_nothing(tmp_path: Path) -> None:
     mine = {"r1": InFlight(1, 10, 1, 1, 10, 1)}
-    a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)
-    b = PeerAccounts(tmp_path, 1, dict, interval_s=0.01)
-    with closing(a), closing(b):
+    with two_workers(tmp_path, mine) as (a, b):
         a.changed()
         assert b.poll(NOW) == {"r1"}
         before = HEADER.unpack_from(a._own, 0)[0]
