@@ -24,8 +24,9 @@ def main() -> int:
     ap.add_argument("--policy", default="kvpilot")
     ap.add_argument("--setting", type=float, default=0.0, help="the policy's swept target")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--warmup-days", type=int, default=Scenario.warmup_days)
     args = ap.parse_args()
-    sc = Scenario()
+    sc = Scenario(warmup_days=args.warmup_days)
     row = run_one(sc, args.policy, args.setting, args.seed, log_decisions=True)
     timeline = row["_timeline"]  # (t, replicas asked for, serving, nodes, placeholders)
     times = [x[0] for x in timeline]
@@ -35,9 +36,9 @@ def main() -> int:
     print("| hour | demand (replicas' worth) | asked for | serving | nodes | placeholders |")
     print("|---|---:|---:|---:|---:|---:|")
     for hour in range(24):
-        t = sc.preroll_s + hour * sc.duration_s / 24
+        t = sc.day_start_s + hour * sc.duration_s / 24
         _, spec, ready, nodes, ph = timeline[max(0, bisect.bisect_right(times, t) - 1)]
-        d = demand(t - sc.preroll_s)
+        d = demand(t - sc.day_start_s)
         print(f"| {hour:02d}:00 | {d:.2f} | {spec} | {ready} | {nodes} | {ph} |")
     return 0
 

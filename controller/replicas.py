@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from controller.season import DailyProfile
 from kvpilot.config import PoolScalingConfig
 from kvpilot.signals import ReplicaState
 
@@ -179,6 +180,7 @@ class ReplicaAutoscaler:
     _tokens: Ewma | None = None  # pool tokens/s (prompt + generation), smoothed
     _load: Ewma | None = None  # pool saturation (sum over replicas), smoothed the same way
     _demand: Holt | None = None  # level and trend of the smoothed tokens/s
+    _season: DailyProfile | None = None  # the smoothed tokens/s by time of day
     _capacity: float | None = None  # tokens/s one replica serves at saturation 1, learned
     _observed_at: float | None = None
     _first_observed: float | None = None
@@ -188,16 +190,22 @@ class ReplicaAutoscaler:
         self._tokens = Ewma(cfg.demand_window_s)
         self._load = Ewma(cfg.demand_window_s)
         self._demand = Holt(cfg.trend_alpha, cfg.trend_beta, cfg.trend_damping_s)
+        if cfg.forecast and cfg.season_s > 0:
+            self._season = DailyProfile(cfg.season_s)
         if cfg.capacity_tokens_per_s > 0:
             self._capacity = cfg.capacity_tokens_per_s
 
     def with_settings(self, cfg: PoolScalingConfig) -> ReplicaAutoscaler:
         """A new autoscaler for new settings that keeps this one's scaling history (its
         stabilization window, rate-limit period, panic and idle clocks), so a config edit does
-        not act as a fresh start; the forecast learns again under the new settings."""
+        not act as a fresh start; the forecast learns again under the new settings, except the
+        daily profile, which took a day to learn and stays while its period does."""
         new = ReplicaAutoscaler(cfg)
         new._recs, new._ups, new._asked_up = deque(self._recs), deque(self._ups), self._asked_up
         new._panic_until, new._busy_at = self._panic_until, self._busy_at
+        old = self._season
+        if new._season is not None and old is not None and old.period_s == new._season.period_s:
+            new._season = old
         return new
 
     def observe(self, states: Sequence[ReplicaState], now: float) -> None:
@@ -258,7 +266,7 @@ class ReplicaAutoscaler:
             self._panic_until = now + cfg.panic_hold_s
         panic = now < self._panic_until
 
-        forecast = self._forecast_replicas()
+        forecast = self._forecast_replicas(now)
         raw = reactive
         reason = f"saturation {mean_sat:.2f} over {len(fresh)} replicas"
         if forecast is not None and forecast > raw and (missing == 0 or forecast > current):
@@ -354,6 +362,8 @@ class ReplicaAutoscaler:
             return  # the averages are still filling: a "trend" now is only their warm-up
         tokens, load = self._tokens.value, self._load.value or 0.0
         self._demand.update(tokens, now)
+        if self._season is not None:
+            self._season.update(tokens, now)
         # Capacity = tokens/s per unit of saturation, from the two smoothed sums: learned only
         # while replicas are busy enough for throughput to say something about their limit, and
         # slowly, so one burst or one idle minute does not move it much. "Busy enough" means
@@ -368,10 +378,16 @@ class ReplicaAutoscaler:
             else:
                 self._capacity += cfg.capacity_learn_rate * (est - self._capacity)
 
-    def _forecast_replicas(self) -> int | None:
+    def _forecast_replicas(self, now: float) -> int | None:
         if not self.cfg.forecast or not self._capacity or self._demand is None:
             return None
-        demand = self._demand.forecast(self.cfg.lead_time_s)
+        # The daily profile once a whole day has been seen (it knows the ramp before it
+        # starts, and does not carry a burst); until then Holt's damped trend.
+        demand = None
+        if self._season is not None:
+            demand = self._season.forecast(now + self.cfg.lead_time_s)
+        if demand is None:
+            demand = self._demand.forecast(self.cfg.lead_time_s)
         if demand is None:
             return None
         # What the pool serves now, or what it will serve at the lead time, whichever is more.

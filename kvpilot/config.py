@@ -142,6 +142,7 @@ class PoolScalingConfig:
     trend_alpha: float = 0.3  # Holt level smoothing, per decision
     trend_beta: float = 0.1  # Holt trend smoothing, per decision
     trend_damping_s: float = 1800.0  # the trend fades with this time constant over the lead time
+    season_s: float = 86400.0  # the demand's period (a day); 0 = trend only (controller/season.py)
     capacity_tokens_per_s: float = 0.0  # one replica at saturation 1; 0 = learn it
     capacity_min_saturation: float = 0.5  # learn capacity only from replicas at least this busy
     capacity_learn_rate: float = 0.05  # per decision
@@ -440,7 +441,7 @@ def check_scaling(s: PoolScalingConfig, key: str) -> None:
     for k in ("demand_window_s", "trend_damping_s"):
         if getattr(s, k) <= 0:
             raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0 seconds")
-    for k in ("scale_up_margin", "lead_time_s", "capacity_tokens_per_s"):
+    for k in ("scale_up_margin", "lead_time_s", "capacity_tokens_per_s", "season_s"):
         if getattr(s, k) < 0:
             raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be >= 0")
 

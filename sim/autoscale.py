@@ -66,7 +66,7 @@ class DayShape:
 
 
 def demand_curve(
-    duration_s: float, seed: int, shape: DayShape = DayShape()
+    duration_s: float, seed: int | str, shape: DayShape = DayShape()
 ) -> Callable[[float], float]:
     """Replicas' worth of demand at virtual time t: the day compressed into `duration_s`, times
     bursts that keep their real length."""
@@ -98,32 +98,85 @@ def make_day_trace(
     replica_rps: float,
     shape: DayShape = DayShape(),
     preroll_s: float = 0.0,
+    warmup_days: int = 0,
 ) -> list[SimRequest]:
     """Requests of `workload` (a size mix from sim/traces.py) arriving as a non-homogeneous
-    Poisson process with rate demand(t) x replica_rps (thinning). The day starts at `preroll_s`;
-    before it, demand stays at midnight's level (so controllers start from a steady state)."""
+    Poisson process with rate demand(t) x replica_rps (thinning).
+
+    With `warmup_days` = 0 demand stays at midnight's level for `preroll_s`, then the measured
+    day runs. Otherwise `warmup_days` whole days, each with its own bursts, replace the pre-roll,
+    so that every policy starts the measured day from the state its previous day left it in (a
+    policy that only scales up would otherwise carry the bill for its overnight replicas into a
+    day nobody measures, and a policy that learns the day has seen one). The measured day starts
+    at `day_start_s(...)`; its requests are the same whatever `warmup_days` is, only shifted."""
     if workload not in SIZERS:
         raise ValueError(f"autoscale workload must be one of {sorted(SIZERS)}, not {workload!r}")
-    sizer = SIZERS[workload]
-    day = demand_curve(duration_s, seed, shape)
-
-    def curve(x: float) -> float:
-        return day(max(0.0, x - preroll_s))
-
-    peak = shape.high_replicas * shape.burst_max_x * replica_rps * 1.01
-    times = random.Random(f"day-times-{seed}")
-    sizes = random.Random(f"day-sizes-{seed}")
+    if warmup_days < 0:
+        raise ValueError(f"warmup_days must be >= 0, not {warmup_days}")
     key = SegmentKeys()
+    day = demand_curve(duration_s, seed, shape)
+    # the pre-roll and the measured day, as they always were
+    measured = _arrivals(
+        workload,
+        lambda x: day(max(0.0, x - preroll_s)),
+        0.0,
+        duration_s + preroll_s,
+        seed,
+        replica_rps,
+        shape,
+        key,
+    )
+    if warmup_days == 0:
+        return [replace(r, request_id=f"r{i}") for i, r in enumerate(measured)]
+    shift = day_start_s(preroll_s, warmup_days, duration_s) - preroll_s
     out: list[SimRequest] = []
-    t = 0.0
+    for k in range(warmup_days):
+        start = k * duration_s
+        warm = demand_curve(duration_s, f"{seed}-warmup{k}", shape)
+        out += _arrivals(
+            workload,
+            lambda x, w=warm, s=start: w(x - s),  # type: ignore[misc]
+            start,
+            start + duration_s,
+            f"{seed}-warmup{k}",
+            replica_rps,
+            shape,
+            key,
+        )
+    out += [replace(r, arrival_s=r.arrival_s + shift) for r in measured if r.arrival_s >= preroll_s]
+    return [replace(r, request_id=f"r{i}") for i, r in enumerate(out)]
+
+
+def day_start_s(preroll_s: float, warmup_days: int, duration_s: float) -> float:
+    """Where the measured day starts on the simulation's clock."""
+    return preroll_s if warmup_days == 0 else warmup_days * duration_s
+
+
+def _arrivals(
+    workload: str,
+    curve: Callable[[float], float],
+    t0: float,
+    t1: float,
+    stream: int | str,
+    replica_rps: float,
+    shape: DayShape,
+    key: SegmentKeys,
+) -> list[SimRequest]:
+    """Arrivals in [t0, t1) at rate curve(t) x replica_rps, thinned from the peak rate."""
+    sizer = SIZERS[workload]
+    peak = shape.high_replicas * shape.burst_max_x * replica_rps * 1.01
+    times = random.Random(f"day-times-{stream}")
+    sizes = random.Random(f"day-sizes-{stream}")
+    out: list[SimRequest] = []
+    t = t0
     while True:
         t += times.expovariate(peak)
-        if t >= duration_s + preroll_s:
+        if t >= t1:
             return out
         if times.random() * peak > curve(t) * replica_rps:
             continue
         s = sizer(sizes, key)  # type: ignore[arg-type]
-        out.append(SimRequest(f"r{len(out)}", t, s.segments, s.output_tokens, s.max_tokens, s.kind))
+        out.append(SimRequest("", t, s.segments, s.output_tokens, s.max_tokens, s.kind))
 
 
 # ---- the simulation ---------------------------------------------------------------------------
@@ -257,9 +310,18 @@ class Scenario:
     # The controllers run this long at midnight's demand before the day (and the measurement)
     # starts, so no policy is judged on its first decisions from an empty history.
     preroll_s: float = 600.0
+    # Whole days run before the measured one (their own bursts; they replace the pre-roll), so
+    # each policy starts it from its previous day's end state: GPU-hours are a day's bill in
+    # steady state, not the first day's of a policy that only ever scales up.
+    warmup_days: int = 0
     # kvpilot's scaling settings off their defaults, (key, value) pairs (`--kvpilot key=value`):
     # for trying settings; the benchmark's verdict is about kvpilot at its defaults.
     kvpilot_scaling: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def day_start_s(self) -> float:
+        """Where the measured day starts on the simulation's clock."""
+        return day_start_s(self.preroll_s, self.warmup_days, self.duration_s)
 
     @property
     def spec(self) -> ReplicaSpec:
@@ -290,10 +352,16 @@ def run_one(
     from sim.metrics import summarise
 
     rps = replica_rps if replica_rps is not None else scenario.replica_rps()
-    pre = scenario.preroll_s
     trace = make_day_trace(
-        scenario.workload, scenario.duration_s, seed, rps, scenario.shape, preroll_s=pre
+        scenario.workload,
+        scenario.duration_s,
+        seed,
+        rps,
+        scenario.shape,
+        preroll_s=scenario.preroll_s,
+        warmup_days=scenario.warmup_days,
     )
+    pre = scenario.day_start_s
     slo = slo_for(scenario.workload)
     opts: dict[str, Any] = {}
     if scenario.router == "headroom":
@@ -304,7 +372,7 @@ def run_one(
         }
     router = make_router(scenario.router, seed=seed, **opts)
     overrides = dict(scenario.kvpilot_scaling)
-    autoscaler = make_policy(policy, setting, scenario.limits, overrides)
+    autoscaler = make_policy(policy, setting, scenario.limits, overrides, scenario.duration_s)
     cluster = Cluster(scenario.provisioning, seed)
     initial = max(
         scenario.limits.min_replicas,
@@ -333,6 +401,7 @@ def run_one(
         "setting_label": setting_label(policy, setting, overrides),
         "seed": seed,
         "duration_s": scenario.duration_s,
+        "warmup_days": scenario.warmup_days,
         "workload": scenario.workload,
         "gpu": scenario.gpu,
         "requests": m.requests,
@@ -594,6 +663,13 @@ def parser() -> argparse.ArgumentParser:
         description="Compare replica autoscaling policies over a compressed, bursty day.",
     )
     p.add_argument("--duration", type=float, default=3600.0, help="virtual seconds for 24 h")
+    p.add_argument(
+        "--warmup-days",
+        type=int,
+        default=Scenario.warmup_days,
+        help="whole days run before the measured one, so each policy starts it from its "
+        "previous day's end state (0: from a steady midnight)",
+    )
     p.add_argument("--seeds", type=ints, default=[1])
     p.add_argument("--policies", type=names_from(POLICY_NAMES), default=list(POLICY_NAMES))
     p.add_argument(
@@ -643,6 +719,7 @@ def main(argv: list[str]) -> int:
         shape=DayShape(low_replicas=args.low, high_replicas=args.high),
         provisioning=ProvisioningConfig(unneeded_s=args.node_unneeded),
         limits=Limits(1, args.max_replicas),
+        warmup_days=args.warmup_days,
         kvpilot_scaling=tuple(args.kvpilot),
     )
     try:  # a bad key or value stops here, before any run, with the key named
@@ -704,6 +781,7 @@ def main(argv: list[str]) -> int:
         )
     meta = {
         "duration_s": args.duration,
+        "warmup_days": args.warmup_days,
         "seeds": args.seeds,
         "workload": args.workload,
         "gpu": args.gpu,

@@ -405,10 +405,15 @@ DEFAULT_SWEEP: dict[str, tuple[float, ...]] = {
 
 
 def make_policy(
-    name: str, setting: float, limits: Limits, kvpilot_scaling: Mapping[str, Any] | None = None
+    name: str,
+    setting: float,
+    limits: Limits,
+    kvpilot_scaling: Mapping[str, Any] | None = None,
+    day_s: float = 86400.0,
 ) -> object:
     """A policy at one setting; `kvpilot_scaling` overrides kvpilot's PoolScalingConfig keys
-    (checked as in kvpilot.yaml: a bad key raises ConfigError naming it)."""
+    (checked as in kvpilot.yaml: a bad key raises ConfigError naming it). `day_s` is a day on
+    the simulation's clock (compressed), the period of kvpilot's daily profile."""
     if name == "hpa-queue":
         return HpaQueue(float(setting), limits)
     if name == "hpa-duty":
@@ -418,10 +423,14 @@ def make_policy(
     if name == "llmd":
         return LlmdSaturation(limits)
     if name == "kvpilot":
-        if not kvpilot_scaling:
-            return Kvpilot(limits)
-        base = {"min_replicas": limits.min_replicas, "max_replicas": limits.max_replicas}
-        return Kvpilot(limits, config=parse_scaling({**base, **kvpilot_scaling}, "--kvpilot"))
+        base = {
+            "min_replicas": limits.min_replicas,
+            "max_replicas": limits.max_replicas,
+            "season_s": day_s,  # the day's length on this clock, not a tuned setting
+        }
+        return Kvpilot(
+            limits, config=parse_scaling({**base, **(kvpilot_scaling or {})}, "--kvpilot")
+        )
     raise ValueError(f"unknown autoscaling policy {name!r}; expected one of {list(POLICY_NAMES)}")
 
 

@@ -203,3 +203,36 @@ def test_cli_names_a_bad_kvpilot_setting(capsys) -> None:  # noqa: ANN001
     assert "--kvpilot.target_utilizaton: unknown key" in capsys.readouterr().err
     assert main(["--kvpilot", "target_utilization=1.5", "--policies", "kvpilot"]) == 2
     assert "--kvpilot.target_utilization: 1.5 must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_warmup_days_run_before_the_same_measured_day() -> None:
+    plain = make_day_trace("sharegpt", 600.0, 7, 1.0, preroll_s=60.0)
+    warm = make_day_trace("sharegpt", 600.0, 7, 1.0, preroll_s=60.0, warmup_days=2)
+    day = [r for r in plain if r.arrival_s >= 60.0]
+    measured = [r for r in warm if r.arrival_s >= 1200.0]  # two 600 s days replace the pre-roll
+    assert len(measured) == len(day)
+    for a, b in zip(day, measured, strict=True):
+        assert b.arrival_s - 1140.0 == pytest.approx(a.arrival_s)
+        assert (a.segments, a.output_tokens, a.max_tokens) == (
+            b.segments,
+            b.output_tokens,
+            b.max_tokens,
+        )
+    first = [r for r in warm if r.arrival_s < 600.0]
+    second = [r for r in warm if 600.0 <= r.arrival_s < 1200.0]
+    assert first and second and [r.arrival_s for r in first] != [r.arrival_s - 600 for r in second]
+    assert len({r.request_id for r in warm}) == len(warm)
+    assert [r.arrival_s for r in warm] == sorted(r.arrival_s for r in warm)
+    with pytest.raises(ValueError, match="warmup_days"):
+        make_day_trace("sharegpt", 600.0, 7, 1.0, warmup_days=-1)
+
+
+def test_a_warmup_day_bills_the_measured_day_only() -> None:
+    sc = replace(FAST, warmup_days=1)
+    assert sc.day_start_s == FAST.duration_s
+    row = run_one(sc, "kvpilot", 0, 1, replica_rps=1.2, log_decisions=True)
+    changes = [t for t, a, b, _ in row["_log"] if a != b]
+    assert row["scale_actions"] == sum(1 for t in changes if sc.day_start_s <= t)
+    # one measured day of at most max_replicas nodes, whatever the warm-up day bought
+    assert FAST.duration_s / 3600.0 <= row["gpu_hours"] <= 6 * FAST.duration_s / 3600.0
+    assert row["warmup_days"] == 1

@@ -1,0 +1,123 @@
+"""The demand's daily shape, learned: yesterday's curve without its bursts, scaled to today.
+
+Serving demand follows the day. A trend alone reads the morning ramp late (it must first see the
+rise) and a burst as a ramp (it carries it over the whole lead time); GPU nodes take minutes, so
+both cost either latency or GPUs. Once a whole period (`season_s`, a day by default) has been
+seen, the pool's demand at the same time of the last periods says where it is going:
+
+- the period is cut into `bins` (96: a quarter of an hour of a day); each bin keeps the mean
+  demand seen in it, blended over days (`day_weight` for the newest day);
+- the profile read back is a running median over `smooth_bins` neighbouring bins, so a burst
+  yesterday (minutes long, at a random time) is not ordered again today;
+- today's level against the profile (the median ratio over the last `recent_bins` bins) scales
+  the forecast, so a busier or quieter day than the last is followed, but not one burst.
+
+Pure: fed plain numbers and `now` (seconds on any clock that advances with real time; the live
+controller's wall clock puts bin 0 at 00:00 UTC). The profile lives in the leader's memory: a new
+leader learns it again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import median
+
+
+@dataclass
+class DailyProfile:
+    period_s: float = 86400.0
+    bins: int = 96
+    # Odd: the bin and 10 on each side (5 h of a day). A running median drops a bump narrower
+    # than half its window: a burst plus its catch-up, ~10 bins where a day is compressed into
+    # an hour as in `kvpilot sim autoscale`; at a real day's scale far less. It lowers a
+    # cosine's peak by ~2 %, which the reactive size covers.
+    smooth_bins: int = 21
+    recent_bins: int = 24  # today's level: the median ratio over these many bins (6 h of a day)
+    day_weight: float = 0.5  # the newest period's weight in a bin's blend
+    ratio_bounds: tuple[float, float] = (0.5, 2.0)
+    _profile: list[float | None] = field(default_factory=list)
+    _smoothed: list[float] | None = None  # cache of the running median, None when stale
+    # The profile's raw bins as of the start of the current period: today's level is read
+    # against them, so today's bins never enter their own reference (raw, not smoothed: a
+    # running median sits above a trough and below a peak; a burst on either day is one
+    # outlier among `recent_bins` ratios).
+    _reference: list[float | None] | None = None
+    _first: int | None = None  # ring index of the first bin ever closed: where periods start
+    _bin: int | None = None  # absolute index of the bin being accumulated
+    _sum: float = 0.0
+    _n: int = 0
+    _ratios: deque[float] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0 or self.bins < 1:
+            raise ValueError("period_s must be > 0 and bins >= 1")
+        self._profile = [None] * self.bins
+
+    @property
+    def bin_s(self) -> float:
+        return self.period_s / self.bins
+
+    @property
+    def ready(self) -> bool:
+        """A whole period has been seen (every bin has a value)."""
+        return all(v is not None for v in self._profile)
+
+    def update(self, value: float, now: float) -> None:
+        """One demand sample (e.g. tokens/s) at `now`."""
+        k = math.floor(now / self.bin_s)
+        if self._bin is not None and k < self._bin:
+            return  # the clock went back: ignore rather than corrupt a bin
+        if self._bin is not None and k != self._bin:
+            self._close()
+        if self._bin != k:
+            self._bin, self._sum, self._n = k, 0.0, 0
+        self._sum += value
+        self._n += 1
+
+    def _close(self) -> None:
+        assert self._bin is not None
+        if self._n == 0:
+            return
+        mean = self._sum / self._n
+        i = self._bin % self.bins
+        if self._first is None:
+            self._first = i
+        if i == self._first and self.ready:
+            self._reference = list(self._profile)
+        ref = self._reference[i] if self._reference is not None else None
+        if ref:
+            self._ratios.append(mean / ref)
+            while len(self._ratios) > self.recent_bins:
+                self._ratios.popleft()
+        old = self._profile[i]
+        self._profile[i] = mean if old is None else old + self.day_weight * (mean - old)
+        self._smoothed = None
+
+    def smoothed(self) -> list[float]:
+        """The profile through a circular running median (bursts out, the day's shape kept)."""
+        if self._smoothed is None:
+            vals = [v or 0.0 for v in self._profile]
+            h = self.smooth_bins // 2
+            n = self.bins
+            self._smoothed = [median(vals[(i + j) % n] for j in range(-h, h + 1)) for i in range(n)]
+        return self._smoothed
+
+    def level(self) -> float:
+        """Today's demand against the profile: 1.0 = as on the days learned."""
+        if not self._ratios:
+            return 1.0
+        lo, hi = self.ratio_bounds
+        return min(hi, max(lo, median(self._ratios)))
+
+    def forecast(self, at: float) -> float | None:
+        """Demand expected at time `at`, or None until a whole period has been seen."""
+        if not self.ready:
+            return None
+        s = self.smoothed()
+        x = at / self.bin_s - 0.5  # bin values sit at their bins' middles
+        i = math.floor(x)
+        frac = x - i
+        v = s[i % self.bins] * (1 - frac) + s[(i + 1) % self.bins] * frac
+        return v * self.level()
