@@ -10,7 +10,7 @@ from kubernetes_asyncio import client
 
 from controller.gke import GkeNodePools
 from controller.kube import KubeScaler, Placeholders, SizeChanged, read_gpu_inventory
-from controller.loop import PoolTarget
+from controller.loop import PoolTarget, WorkloadSize
 from controller.nodepools import AcceleratorInventory, AcceleratorPlan, node_pool_sizes
 from controller.replicas import Decision
 
@@ -23,8 +23,8 @@ class KubeActuator:
 
     scaler: KubeScaler
 
-    async def get_replicas(self, t: PoolTarget) -> int:
-        return await self.scaler.get_replicas(t.scaling.kind, t.pool.namespace, t.workload)
+    async def get_size(self, t: PoolTarget) -> WorkloadSize:
+        return await self.scaler.get_size(t.scaling.kind, t.pool.namespace, t.workload)
 
     async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> bool:
         try:

@@ -23,6 +23,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
+from controller.loop import WorkloadSize
 from controller.nodepools import (
     PLACEHOLDER_LABELS,
     AcceleratorInventory,
@@ -109,6 +110,40 @@ class KubeScaler:
     async def get_replicas(self, kind: str, namespace: str, name: str) -> int:
         scale = await self.get_scale(kind, namespace, name)
         return int(scale.get("spec", {}).get("replicas", 0) or 0)
+
+    async def get_size(self, kind: str, namespace: str, name: str) -> WorkloadSize:
+        """spec.replicas, and how many of the workload's pods are Pending (found by the label
+        selector the /scale subresource reports). The Pending count is what lets the replica
+        policy treat those pods as the HPA does (unready, not missing); if it cannot be read,
+        it is 0: they count as missing, the more conservative reading."""
+        scale = await self.get_scale(kind, namespace, name)
+        replicas = int(scale.get("spec", {}).get("replicas", 0) or 0)
+        selector = (scale.get("status") or {}).get("selector") or ""
+        if not selector or replicas == 0:
+            return WorkloadSize(replicas)
+        core = client.CoreV1Api(self.api)
+        try:
+            pods = await call(
+                "list_pods",
+                lambda: core.list_namespaced_pod(
+                    namespace,
+                    label_selector=selector,
+                    field_selector="status.phase=Pending",
+                    _request_timeout=self.retry.timeout_s,
+                ),
+                self.retry,
+            )
+        except (ApiException, TimeoutError, aiohttp.ClientError) as e:
+            log.warning("%s %s/%s: cannot list its pods: %r", kind, namespace, name, e)
+            return WorkloadSize(replicas)
+        pending = sum(
+            1
+            for p in pods.items
+            if p.status is not None
+            and p.status.phase == "Pending"  # the field selector only saves the transfer
+            and (p.metadata is None or p.metadata.deletion_timestamp is None)
+        )
+        return WorkloadSize(replicas, min(pending, replicas))
 
     async def set_replicas(
         self, kind: str, namespace: str, name: str, replicas: int, *, expect: int | None = None

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from controller.loop import PoolTarget
+from controller.loop import PoolTarget, WorkloadSize
 from controller.replicas import Decision
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ class LocalActuator:
                 out.append(i)
         return out
 
-    async def get_replicas(self, t: PoolTarget) -> int:
-        return len(self._running(t))
+    async def get_size(self, t: PoolTarget) -> WorkloadSize:
+        return WorkloadSize(len(self._running(t)))  # a process starts at once: none Pending
 
     async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision | None = None) -> bool:
         if replicas > len(t.pool.endpoints):

@@ -81,8 +81,14 @@ class PoolTarget:
         return self.scaling.target or self.pool.name
 
 
+@dataclass(frozen=True)
+class WorkloadSize:
+    replicas: int  # spec.replicas
+    pending: int = 0  # of its pods, those in phase Pending (no node yet)
+
+
 class Actuator(Protocol):
-    async def get_replicas(self, t: PoolTarget) -> int: ...
+    async def get_size(self, t: PoolTarget) -> WorkloadSize: ...
 
     async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> bool:
         """Scale; False when nothing was written (the size moved since the decision, or is
@@ -201,14 +207,20 @@ class Controller:
         decisions: dict[str, Decision] = {}
         for t in tick_targets:
             try:
-                current = await self.actuator.get_replicas(t)
+                size = await self.actuator.get_size(t)
             except Exception as e:
                 ERRORS.labels(t.name, "read").inc()
                 log.error("pool %s: cannot read its size, holding: %s", t.name, e)
                 continue
             pd = demand.get(t.name, PoolDemand())
             d = autoscalers[t.name].decide(
-                PoolObservation(current, by_pool.get(t.name, ()), pd.held, pd.arrival_rate_rps),
+                PoolObservation(
+                    size.replicas,
+                    by_pool.get(t.name, ()),
+                    pd.held,
+                    pd.arrival_rate_rps,
+                    pending_replicas=size.pending,
+                ),
                 now,
             )
             decisions[t.name] = d

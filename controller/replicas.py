@@ -34,6 +34,10 @@ class PoolObservation:
     states: Sequence[ReplicaState] = ()  # latest state per replica from the agents
     held_requests: int = 0  # requests a gateway is holding for this pool (scale from zero)
     arrival_rate_rps: float | None = None  # requests/s, when a gateway reports it
+    # The workload's pods in phase Pending (no node yet): the HPA's "unready" pods, set aside
+    # when scaling down and counted idle when scaling up (not "missing" like a pod that runs
+    # without metrics, which is assumed at target when scaling down).
+    pending_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ class ReplicaAutoscaler:
     _load: Ewma | None = None  # pool saturation (sum over replicas), smoothed the same way
     _demand: Holt | None = None  # level and trend of the smoothed tokens/s
     _season: DailyProfile | None = None  # the smoothed tokens/s by time of day
+    _forecast_by: str = "trend"  # which of the two made the last forecast (for the reason)
     _capacity: float | None = None  # tokens/s one replica serves at saturation 1, learned
     _observed_at: float | None = None
     _first_observed: float | None = None
@@ -254,12 +259,13 @@ class ReplicaAutoscaler:
         mean_sat = sum(sats) / len(sats)
         self.observe(obs.states, now)
         self._learn(len(fresh), now)
-        missing = max(0, current - len(fresh) - unhealthy)
+        pending = min(max(0, obs.pending_replicas), current)
+        missing = max(0, current - len(fresh) - unhealthy - pending)
         # The HPA on saturation against the target utilization (headroom for bursts a new
         # replica cannot start in time for).
         u = cfg.target_utilization
         reactive = hpa_replicas(
-            current, [x / u for x in sats], missing=missing, unready=unhealthy,
+            current, [x / u for x in sats], missing=missing, unready=unhealthy + pending,
             tolerance=cfg.tolerance,
         )  # fmt: skip
         if mean_sat >= cfg.panic_threshold:
@@ -270,7 +276,8 @@ class ReplicaAutoscaler:
         raw = reactive
         reason = f"saturation {mean_sat:.2f} over {len(fresh)} replicas"
         if forecast is not None and forecast > raw and (missing == 0 or forecast > current):
-            raw, reason = forecast, f"forecast {forecast} replicas in {cfg.lead_time_s:.0f}s"
+            raw = forecast
+            reason = f"forecast {forecast} replicas in {cfg.lead_time_s:.0f}s ({self._forecast_by})"
         if raw > current and cfg.scale_up_margin > 0:
             # Step past the need, so the next step up comes later: fewer, larger actions.
             raw = math.ceil(raw * (1 + cfg.scale_up_margin))
@@ -279,7 +286,7 @@ class ReplicaAutoscaler:
             idle_for = now - (self._busy_at or now)
             if idle_for >= cfg.idle_before_zero_s:
                 raw, reason, to_zero = 0, f"idle for {idle_for:.0f}s", True
-        d = self._finish(now, raw, current, reason, panic=panic, to_zero=to_zero)
+        d = self._finish(now, raw, current, reason, panic=panic, to_zero=to_zero, pending=pending)
         return Decision(
             d.desired, current, d.reason, mean_sat, len(fresh), panic, reactive, forecast
         )
@@ -295,6 +302,7 @@ class ReplicaAutoscaler:
         *,
         panic: bool = False,
         to_zero: bool = False,
+        pending: int = 0,
     ) -> Decision:
         cfg = self.cfg
         self._confirm_up(current)
@@ -319,8 +327,15 @@ class ReplicaAutoscaler:
             # To zero only after idle_before_zero_s of no work: that wait is its stabilization.
             window_max = 0 if to_zero else max(r for _, r in self._recs)
             desired = min(current, window_max)
+            placed = current - pending
             if panic:
                 desired, reason = current, reason + "; panic mode holds"
+            elif pending and raw <= placed < desired:
+                # Pending replicas serve nothing and hold no node yet: once the placed ones
+                # cover the need, those ordered for a burst that has passed go now, not after
+                # the window (which is there to keep serving capacity).
+                reason += f"; {desired - placed} pending replicas no longer needed"
+                desired = placed
             elif desired == current and raw < current:
                 reason += f"; stabilizing at {desired}"  # the window holds the size
             elif desired > math.floor(current * (1 - cfg.scale_down_tolerance)):
@@ -386,6 +401,7 @@ class ReplicaAutoscaler:
         demand = None
         if self._season is not None:
             demand = self._season.forecast(now + self.cfg.lead_time_s)
+        self._forecast_by = "trend" if demand is None else "daily profile"
         if demand is None:
             demand = self._demand.forecast(self.cfg.lead_time_s)
         if demand is None:

@@ -313,7 +313,7 @@ class Scenario:
     # Whole days run before the measured one (their own bursts; they replace the pre-roll), so
     # each policy starts it from its previous day's end state: GPU-hours are a day's bill in
     # steady state, not the first day's of a policy that only ever scales up.
-    warmup_days: int = 0
+    warmup_days: int = 1
     # kvpilot's scaling settings off their defaults, (key, value) pairs (`--kvpilot key=value`):
     # for trying settings; the benchmark's verdict is about kvpilot at its defaults.
     kvpilot_scaling: tuple[tuple[str, Any], ...] = ()
@@ -441,9 +441,9 @@ def _job(args: tuple[Scenario, str, float, int, float]) -> dict[str, Any]:
 RUN_CPU_PER_VIRTUAL_S = 0.017
 
 
-def estimate_wall_s(jobs: int, workers: int, duration_s: float) -> float:
+def estimate_wall_s(jobs: int, workers: int, duration_s: float, warmup_days: int = 0) -> float:
     """Rough wall time of a sweep: rounds of `workers` parallel runs, the last round's slowest."""
-    per_run = RUN_CPU_PER_VIRTUAL_S * duration_s
+    per_run = RUN_CPU_PER_VIRTUAL_S * duration_s * (1 + warmup_days)
     return math.ceil(jobs / max(1, workers)) * per_run * 1.2
 
 
@@ -668,7 +668,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=Scenario.warmup_days,
         help="whole days run before the measured one, so each policy starts it from its "
-        "previous day's end state (0: from a steady midnight)",
+        "previous day's end state (default 1; 0: the day alone, after a pre-roll at midnight's "
+        "demand)",
     )
     p.add_argument("--seeds", type=ints, default=[1])
     p.add_argument("--policies", type=names_from(POLICY_NAMES), default=list(POLICY_NAMES))
@@ -737,7 +738,7 @@ def main(argv: list[str]) -> int:
         return 2
     console.print(
         f"{len(jobs)} runs on {args.workers} worker(s); estimate "
-        f"{estimate_wall_s(len(jobs), args.workers, args.duration) / 60:.1f} min"
+        f"{estimate_wall_s(len(jobs), args.workers, args.duration, args.warmup_days) / 60:.1f} min"
     )
     with Progress(
         "[progress.description]{task.description}",

@@ -363,6 +363,7 @@ class Kvpilot:
                 current_replicas=obs.spec_replicas,
                 states=obs.states,
                 arrival_rate_rps=obs.arrival_rate_rps,
+                pending_replicas=obs.pending,
             ),
             now,
         )

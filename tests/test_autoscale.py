@@ -108,6 +108,7 @@ FAST = Scenario(
     provisioning=ProvisioningConfig(10.0, 20.0, 5.0, 10.0, 30.0),
     limits=Limits(1, 6),
     preroll_s=60.0,
+    warmup_days=0,
 )
 FIELDS = {"policy", "setting", "slo_attainment", "gpu_hours", "scale_actions", "ttft_p99_s"}
 
@@ -182,6 +183,7 @@ def test_sweep_estimate_counts_rounds_of_workers() -> None:
     assert estimate_wall_s(16, 16, 3600.0) == pytest.approx(one)
     assert estimate_wall_s(57, 16, 3600.0) == pytest.approx(4 * one)
     assert estimate_wall_s(2, 1, 1800.0) == pytest.approx(one)
+    assert estimate_wall_s(1, 1, 3600.0, warmup_days=1) == pytest.approx(2 * one)
 
 
 def test_kvpilot_settings_can_be_changed_for_a_run() -> None:

@@ -29,6 +29,7 @@ from controller.kube import (
     SizeChanged,
     api_client,
 )
+from controller.loop import WorkloadSize
 
 DEPLOY = "apps/v1/deployments"
 STS = "apps/v1/statefulsets"
@@ -98,6 +99,8 @@ class Cluster(KubernetesEmulator):
                 )
                 self.scale_writes.append((request.name, replicas))
             raw = obj.raw
+        labels = raw["spec"].get("selector", {}).get("matchLabels", {})
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         return aiohttp.web.json_response(
             {
                 "apiVersion": "autoscaling/v1",
@@ -108,7 +111,11 @@ class Cluster(KubernetesEmulator):
                     "resourceVersion": raw["metadata"]["resourceVersion"],
                 },
                 "spec": {"replicas": raw["spec"].get("replicas", 1)},
-                "status": {"replicas": raw.get("status", {}).get("replicas", 0)},
+                "status": {
+                    "replicas": raw.get("status", {}).get("replicas", 0),
+                    # the API server serializes the workload's label selector here
+                    **({"selector": selector} if selector else {}),
+                },
             }
         )
 
@@ -176,6 +183,38 @@ async def test_scale_subresource_read_and_write(
     assert await s.set_replicas(kind, "ml", name, 5) == before
     assert k8s.objects[res, "ml", name]["spec"]["replicas"] == 5
     assert await s.get_replicas(kind, "ml", name) == 5
+
+
+def pod(name: str, phase: str, labels: dict[str, str], **meta: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ml", "labels": labels, **meta},
+        "status": {"phase": phase},
+    }
+
+
+async def test_size_counts_the_workloads_pending_pods(cluster: Any) -> None:
+    """Pending pods (waiting for a node) are found through the selector /scale reports; pods of
+    other workloads, running ones and ones being deleted do not count."""
+    k8s, api = cluster
+    llama = k8s.objects[DEPLOY, "ml", "llama"]
+    llama.patch({"spec": {"replicas": 4, "selector": {"matchLabels": {"app": "llama"}}}})
+    mine = {"app": "llama"}
+    for name, phase, labels, meta in [
+        ("l-0", "Running", mine, {}),
+        ("l-1", "Running", mine, {}),
+        ("l-2", "Pending", mine, {}),
+        ("l-3", "Pending", mine, {}),
+        ("l-old", "Pending", mine, {"deletionTimestamp": "2026-11-26T00:00:00Z"}),
+        ("other", "Pending", {"app": "mixtral"}, {}),
+    ]:
+        k8s.objects["v1/pods", "ml", name] = pod(name, phase, labels, **meta)
+    s = KubeScaler(api, FAST)
+    assert await s.get_size("Deployment", "ml", "llama") == WorkloadSize(4, 2)
+    # No selector on the workload: nothing to count by, none Pending as far as we know.
+    assert await s.get_size("StatefulSet", "ml", "mixtral") == WorkloadSize(1, 0)
+    # The pod list refused: the size still reads, Pending unknown (0: counted as missing).
+    k8s.fail(lambda r: r.resource is not None and r.subresource is None and not r.name, 403)
+    assert await s.get_size("Deployment", "ml", "llama") == WorkloadSize(4, 0)
 
 
 def someone_writes_before_our_first_put(k8s: Cluster, spec: dict[str, Any] | None = None) -> None:

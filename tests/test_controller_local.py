@@ -54,14 +54,14 @@ async def test_local_mode_starts_min_replicas_and_stops_them() -> None:
     try:
         d = (await ctl.tick())["llama"]
         assert (d.current, d.desired) == (0, 1)
-        assert await act.get_replicas(targets(cfg)[0]) == 1
+        assert (await act.get_size(targets(cfg)[0])).replicas == 1
         async with aiohttp.ClientSession() as s:
             assert await healthy(f"http://127.0.0.1:{ports[0]}", s)
             t = targets(cfg)[0]
             # Capped at the endpoints configured, or already there: nothing done, said so.
             assert not await act.set_replicas(t, 1)
             assert await act.set_replicas(t, 0)
-            assert await act.get_replicas(t) == 0
+            assert (await act.get_size(t)).replicas == 0
             assert not await act.set_replicas(t, 0)
             with pytest.raises(aiohttp.ClientError):
                 async with s.get(f"http://127.0.0.1:{ports[0]}/health") as r:

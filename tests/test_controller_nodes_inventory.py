@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from controller.actuators import GkeNodes, PlaceholderNodes
 from controller.kube import Placeholders, Retry, api_client, read_gpu_inventory
-from controller.loop import Controller, PoolTarget, planned_accelerator
+from controller.loop import Controller, PoolTarget, WorkloadSize, planned_accelerator
 from controller.nodepools import AcceleratorInventory, AcceleratorPlan
 from controller.replicas import Decision
 from kvpilot.config import parse_config
@@ -108,10 +108,10 @@ class Sizes:
         self.sizes = sizes
         self.failing: set[str] = set()
 
-    async def get_replicas(self, t: PoolTarget) -> int:
+    async def get_size(self, t: PoolTarget) -> WorkloadSize:
         if t.name in self.failing:
             raise RuntimeError("injected read failure")
-        return self.sizes[t.name]
+        return WorkloadSize(self.sizes[t.name])
 
     async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision) -> bool:
         self.sizes[t.name] = replicas

@@ -338,7 +338,7 @@ async def test_gke_nodes_size_a_pool_that_may_use_several_accelerators(gke: Any)
     chose (as `_nodes` plans it), not skipped; two node pools of one accelerator each get their
     own pools' GPUs."""
     from controller.actuators import GkeNodes
-    from controller.loop import Controller, PoolTarget
+    from controller.loop import Controller, PoolTarget, WorkloadSize
     from kvpilot.config import parse_config
 
     fake, client = gke
@@ -363,8 +363,8 @@ async def test_gke_nodes_size_a_pool_that_may_use_several_accelerators(gke: Any)
     )
 
     class Fixed:  # the replica actuator: sizes that do not change
-        async def get_replicas(self, t: PoolTarget) -> int:
-            return {"a": 8, "b": 3}[t.name]
+        async def get_size(self, t: PoolTarget) -> WorkloadSize:
+            return WorkloadSize({"a": 8, "b": 3}[t.name])
 
         async def set_replicas(self, t: PoolTarget, replicas: int, d: Any) -> None:
             raise AssertionError("no scaling expected")

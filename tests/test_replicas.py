@@ -150,6 +150,43 @@ def test_panic_mode_blocks_scale_down() -> None:
     assert not d.panic and d.desired == 1
 
 
+def test_pending_replicas_are_unready_and_go_once_not_needed() -> None:
+    """Pods still Pending (no node) are the HPA's unready pods: set aside when scaling down, so
+    the burst that ordered them can pass before their nodes are bought, and then they go at
+    once, without waiting out the window that protects serving replicas."""
+
+    def run(pending: int) -> tuple[int, str]:
+        a = ReplicaAutoscaler(CFG)
+        assert a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8  # a burst
+        # 15 s later: the burst is over, the 4 new pods wait for nodes (no state yet)
+        d = a.decide(
+            PoolObservation(8, at_ratio(4, 0.8, observed_at=1015.0), pending_replicas=pending),
+            1015.0,
+        )
+        return d.desired, d.reason
+
+    desired, reason = run(pending=4)
+    assert desired == 4 and "4 pending replicas no longer needed" in reason
+    # Not known to be Pending (e.g. loading their model): missing, assumed at target: held.
+    assert run(pending=0)[0] == 8
+
+
+def test_pending_replicas_stay_while_needed_or_in_panic() -> None:
+    a = ReplicaAutoscaler(CFG)
+    a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
+    # still overloaded: the placed replicas do not cover the need, the pending ones stay
+    d = a.decide(
+        PoolObservation(8, at_ratio(4, 1.6, observed_at=1015.0), pending_replicas=4), 1015.0
+    )
+    assert d.desired == 8
+    b = ReplicaAutoscaler(dataclasses.replace(CFG, panic_threshold=1.5, panic_hold_s=60))
+    b.decide(PoolObservation(4, at_ratio(4, 2.0)), 1000.0)
+    d = b.decide(
+        PoolObservation(8, at_ratio(4, 0.5, observed_at=1015.0), pending_replicas=4), 1015.0
+    )
+    assert d.panic and d.desired == 8
+
+
 def test_min_and_max_bound_the_decision() -> None:
     a = ReplicaAutoscaler(dataclasses.replace(CFG, min_replicas=2, max_replicas=3))
     assert a.decide(PoolObservation(2, at_ratio(2, 5.0)), 1000.0).desired == 3

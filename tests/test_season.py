@@ -136,6 +136,7 @@ def test_autoscaler_orders_the_morning_ramp_from_yesterday() -> None:
     # the flat bottom of the curve, sees ~1k.
     assert s.forecast is not None and tr.forecast is not None  # type: ignore[attr-defined]
     assert s.forecast >= 4 and tr.forecast <= 2  # type: ignore[attr-defined]
+    assert "(daily profile)" in s.reason  # type: ignore[attr-defined]
 
 
 def test_a_settings_change_keeps_the_learned_day() -> None:
