@@ -152,23 +152,31 @@ def test_panic_mode_blocks_scale_down() -> None:
 
 def test_pending_replicas_are_unready_and_go_once_not_needed() -> None:
     """Pods still Pending (no node) are the HPA's unready pods: set aside when scaling down, so
-    the burst that ordered them can pass before their nodes are bought, and then they go at
-    once, without waiting out the window that protects serving replicas."""
+    once the burst that ordered them has passed (a minute of recommendations the placed
+    replicas cover) they go, without waiting out the window that protects serving replicas."""
 
-    def run(pending: int) -> tuple[int, str]:
+    def run(pending: int) -> list[tuple[float, int, str]]:
         a = ReplicaAutoscaler(CFG)
         assert a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8  # a burst
-        # 15 s later: the burst is over, the 4 new pods wait for nodes (no state yet)
-        d = a.decide(
-            PoolObservation(8, at_ratio(4, 0.8, observed_at=1015.0), pending_replicas=pending),
-            1015.0,
-        )
-        return d.desired, d.reason
+        out = []
+        current = 8
+        for t in (1015.0, 1030.0, 1045.0, 1060.0, 1075.0, 1090.0):
+            # the burst is over; the 4 new pods wait for nodes (no state yet)
+            obs = PoolObservation(
+                current, at_ratio(4, 0.8, observed_at=t), pending_replicas=pending
+            )
+            d = a.decide(obs, t)
+            out.append((t, d.desired, d.reason))
+            current = d.desired
+        return out
 
-    desired, reason = run(pending=4)
+    steps = run(pending=4)
+    assert [d for t, d, _ in steps if t < 1075.0] == [8, 8, 8, 8]  # a minute's hold first
+    t, desired, reason = steps[4]
     assert desired == 4 and "4 pending replicas no longer needed" in reason
+    assert steps[5][1] == 4  # and no re-order after
     # Not known to be Pending (e.g. loading their model): missing, assumed at target: held.
-    assert run(pending=0)[0] == 8
+    assert all(d == 8 for _, d, _ in run(pending=0))
 
 
 def test_pending_replicas_stay_while_needed_or_in_panic() -> None:

@@ -165,7 +165,7 @@ class SlotActuator(LocalActuator):
         return proc
 
     async def set_replicas(self, t: PoolTarget, replicas: int, d: Decision | None = None) -> None:
-        before = await self.get_replicas(t)
+        before = (await self.get_size(t)).replicas
         leaving = [ep for ep in t.pool.endpoints[replicas:] if ep in self.running()]
         if leaving and self.before_stop is not None:
             await self.before_stop(leaving)
