@@ -84,7 +84,8 @@ class GkeNodes:
 
     Nodes = ⌈GPUs needed on the node pool / GPUs per node⌉, GPUs per node read from the node
     pool's own config (GKE API), so a 4-L4 g2-standard-48 pool gets a quarter of the nodes a
-    1-GPU-per-replica count would ask for.
+    1-GPU-per-replica count would ask for; a regional or multi-zonal node pool gets that many
+    divided over its zones (setSize counts per zone).
     """
 
     gke: GkeNodePools
@@ -104,8 +105,10 @@ class GkeNodes:
         # Node pools come from the plans: the pools placed on them, on the accelerator the
         # controller chose for each (a pool with several `accelerators` has no single one here).
         node_pools = sorted({np for p in plans.values() for np, _ in p.node_pools})
-        per_node = {np: await self.gke.gpus_per_node(np) for np in node_pools}
-        for np, nodes in sorted(node_pool_sizes(plans, per_node).items()):
+        shapes = {np: await self.gke.shape(np) for np in node_pools}
+        per_node = {np: s.gpus_per_node for np, s in shapes.items()}
+        zones = {np: s.zones for np, s in shapes.items()}
+        for np, nodes in sorted(node_pool_sizes(plans, per_node, zones).items()):
             if self._last.get(np) != nodes:
                 await self.gke.set_size(np, nodes)
                 self._last[np] = nodes

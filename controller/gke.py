@@ -23,6 +23,12 @@ class GkeError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class NodePoolShape:
+    gpus_per_node: int  # the machine type's accelerators
+    zones: int = 1  # the node pool's `locations`: setSize's nodeCount is per zone
+
+
 @dataclass
 class GkeNodePools:
     session: aiohttp.ClientSession
@@ -36,7 +42,7 @@ class GkeNodePools:
     backoff_s: float = 0.5
     _token: str = ""
     _token_expires: float = 0.0
-    _gpus_per_node: dict[str, int] = field(default_factory=dict)
+    _shapes: dict[str, NodePoolShape] = field(default_factory=dict)
 
     async def token(self) -> str:
         if self._token and time.monotonic() < self._token_expires - 60:
@@ -59,14 +65,16 @@ class GkeNodePools:
             f"/clusters/{self.cluster}/nodePools/{node_pool}"
         )
 
-    async def gpus_per_node(self, node_pool: str) -> int:
-        """GPUs on each node of the pool (its machine type's accelerators), read once and kept.
+    async def shape(self, node_pool: str) -> NodePoolShape:
+        """GPUs on each node of the pool and the zones it spans, read once and kept.
 
         `GET .../nodePools/NP`: `config.accelerators[].acceleratorCount` (an int64, sent as a JSON
-        string). g2-standard-48 has 4 L4s, a3-highgpu-8g 8 H100s: nodes = GPUs / this, not one
-        node per replica.
+        string; g2-standard-48 has 4 L4s, a3-highgpu-8g 8 H100s: nodes = GPUs / this, not one
+        node per replica) and `locations` (the zones of a regional or multi-zonal pool, where
+        setSize's nodeCount applies to each zone, as `gcloud container clusters resize
+        --num-nodes` does).
         """
-        cached = self._gpus_per_node.get(node_pool)
+        cached = self._shapes.get(node_pool)
         if cached is not None:
             return cached
         body = await self._call("GET", self.node_pool_url(node_pool), None, f"get {node_pool}")
@@ -74,11 +82,13 @@ class GkeNodePools:
         n = sum(int(a.get("acceleratorCount", 0)) for a in accelerators)
         if n < 1:
             raise GkeError(f"node pool {node_pool} has no GPUs in its config: {accelerators!r}")
-        self._gpus_per_node[node_pool] = n
-        return n
+        shape = NodePoolShape(n, max(1, len(body.get("locations") or [])))
+        self._shapes[node_pool] = shape
+        return shape
 
     async def set_size(self, node_pool: str, node_count: int) -> dict[str, Any]:
-        """Resize a node pool; retries 5xx, 429 and timeouts with backoff; returns the Operation."""
+        """Resize a node pool to `node_count` nodes in each of its zones; retries 5xx, 429 and
+        timeouts with backoff; returns the Operation."""
         if node_count < 0:
             raise ValueError(f"node_count {node_count} < 0")
         url = self.node_pool_url(node_pool) + ":setSize"

@@ -131,18 +131,26 @@ def _held(needed: int, requested: int) -> int:
 
 
 def node_pool_sizes(
-    plans: Mapping[str, AcceleratorPlan], gpus_per_node: Mapping[str, int]
+    plans: Mapping[str, AcceleratorPlan],
+    gpus_per_node: Mapping[str, int],
+    zones: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """Nodes for each fixed-size node pool: the GPUs the pools placed on it hold (each plan's
-    `node_pools`), over the GPUs one of its nodes carries (its machine type: a g2-standard-48 has
-    4 L4s). Two node pools of one accelerator each get their own pools' share, not the
+    """Nodes per zone for each fixed-size node pool: the GPUs the pools placed on it hold (each
+    plan's `node_pools`), over the GPUs one of its nodes carries (its machine type: a
+    g2-standard-48 has 4 L4s), spread over its zones (GKE's setSize counts per zone, so a
+    regional pool over 3 zones gets ⌈nodes / 3⌉ in each: up to 2 nodes more than needed, never
+    3x too many). Two node pools of one accelerator each get their own pools' share, not the
     accelerator's total.
     """
     gpus: dict[str, int] = {}
     for p in plans.values():
         for np, n in p.node_pools:
             gpus[np] = gpus.get(np, 0) + n
-    return {np: math.ceil(n / gpus_per_node[np]) for np, n in sorted(gpus.items())}
+    zones = zones or {}
+    return {
+        np: math.ceil(math.ceil(n / gpus_per_node[np]) / max(1, zones.get(np, 1)))
+        for np, n in sorted(gpus.items())
+    }
 
 
 def gpu_inventory(

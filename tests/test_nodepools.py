@@ -196,6 +196,7 @@ class FakeGke:
     def __init__(self) -> None:
         # GPUs per node of each node pool, as its machine type has them (g2-standard-48: 4 L4s)
         self.gpus: dict[str, int] = {"l4-pool": 4, "h100-pool": 8}
+        self.zones: dict[str, list[str]] = {}  # a regional node pool's `locations`
         self.gets = 0
         self.sizes: dict[str, int] = {}
         self.fail: list[int | str] = []  # statuses (or "hang") for the next setSize calls
@@ -218,7 +219,10 @@ class FakeGke:
         if np not in self.gpus:
             return web.json_response({"error": {"code": 404}}, status=404)
         acc = {"acceleratorCount": str(self.gpus[np]), "acceleratorType": "nvidia-l4"}
-        return web.json_response({"name": np, "config": {"accelerators": [acc]}})
+        body: dict[str, Any] = {"name": np, "config": {"accelerators": [acc]}}
+        if np in self.zones:
+            body["locations"] = self.zones[np]
+        return web.json_response(body)
 
     async def token(self, request: web.Request) -> web.Response:
         if request.headers.get("Metadata-Flavor") != "Google":
@@ -378,10 +382,46 @@ async def test_gke_nodes_size_a_pool_that_may_use_several_accelerators(gke: Any)
     assert fake.sizes == {"l4-pool": 2, "l4-pool-2": 3}
 
 
+async def test_gke_nodes_size_a_regional_node_pool_per_zone(gke: Any) -> None:
+    """setSize's nodeCount is per zone: 9 one-L4 nodes over 3 zones is 3 a zone, not 9 (27)."""
+    from controller.actuators import GkeNodes
+    from controller.loop import targets
+    from kvpilot.config import parse_config
+
+    fake, client = gke
+    fake.gpus["l4-regional"] = 1
+    fake.zones["l4-regional"] = ["us-central1-a", "us-central1-b", "us-central1-c"]
+    cfg = parse_config(
+        {
+            "pools": [{"name": "a", "models": ["m"], "accelerator": "nvidia-l4"}],
+            "controller": {"pools": {"a": {"node_pool": "l4-regional"}}},
+        }
+    )
+    nodes = GkeNodes(client)
+
+    def plan(n: int) -> Any:
+        return plan_accelerators(
+            [PoolGpuDemand("a", "nvidia-l4", 1, n, n, node_pool="l4-regional")]
+        )
+
+    await nodes.apply(plan(9), targets(cfg))
+    assert fake.sizes == {"l4-regional": 3}
+    await nodes.apply(plan(10), targets(cfg))
+    assert fake.sizes == {"l4-regional": 4}  # 10 nodes: 4 a zone (12), never fewer than asked
+    assert (await client.shape("l4-regional")).zones == 3
+
+
+def test_node_pool_sizes_round_up_per_zone() -> None:
+    plans = plan_accelerators([PoolGpuDemand("a", "nvidia-l4", 1, 7, 7, node_pool="np")])
+    assert node_pool_sizes(plans, {"np": 1}) == {"np": 7}
+    assert node_pool_sizes(plans, {"np": 1}, {"np": 3}) == {"np": 3}
+    assert node_pool_sizes(plans, {"np": 4}, {"np": 2}) == {"np": 1}  # 2 nodes over 2 zones
+
+
 async def test_gke_nodes_refuse_a_node_pool_without_gpus(gke: Any) -> None:
     fake, client = gke
     fake.gpus["cpu-pool"] = 0
     with pytest.raises(GkeError, match="no GPUs"):
-        await client.gpus_per_node("cpu-pool")
+        await client.shape("cpu-pool")
     with pytest.raises(GkeError, match="HTTP 404"):
-        await client.gpus_per_node("missing-pool")
+        await client.shape("missing-pool")
