@@ -112,10 +112,12 @@ class KubeScaler:
         return int(scale.get("spec", {}).get("replicas", 0) or 0)
 
     async def get_size(self, kind: str, namespace: str, name: str) -> WorkloadSize:
-        """spec.replicas, and how many of the workload's pods are Pending (found by the label
-        selector the /scale subresource reports). The Pending count is what lets the replica
-        policy treat those pods as the HPA does (unready, not missing); if it cannot be read,
-        it is 0: they count as missing, the more conservative reading."""
+        """spec.replicas, and how many of the workload's pods are Pending with no node yet
+        (found by the label selector the /scale subresource reports; a Pending pod already
+        bound to a node is pulling its image or running init containers: its node is bought).
+        The count is what lets the replica policy treat those pods as the HPA does (unready,
+        not missing); if it cannot be read, it is 0: they count as missing, the more
+        conservative reading."""
         scale = await self.get_scale(kind, namespace, name)
         replicas = int(scale.get("spec", {}).get("replicas", 0) or 0)
         selector = (scale.get("status") or {}).get("selector") or ""
@@ -128,7 +130,7 @@ class KubeScaler:
                 lambda: core.list_namespaced_pod(
                     namespace,
                     label_selector=selector,
-                    field_selector="status.phase=Pending",
+                    field_selector="status.phase=Pending,spec.nodeName=",
                     _request_timeout=self.retry.timeout_s,
                 ),
                 self.retry,
@@ -141,6 +143,7 @@ class KubeScaler:
             for p in pods.items
             if p.status is not None
             and p.status.phase == "Pending"  # the field selector only saves the transfer
+            and not (p.spec is not None and p.spec.node_name)
             and (p.metadata is None or p.metadata.deletion_timestamp is None)
         )
         return WorkloadSize(replicas, min(pending, replicas))

@@ -25,10 +25,10 @@ from controller.season import DailyProfile
 from kvpilot.config import PoolScalingConfig
 from kvpilot.signals import ReplicaState
 
-# Pending replicas go only after this long with every recommendation covered by the placed
-# ones: a burst's tail swings around the target, and dropping and re-ordering on each swing
-# would trade the window's waste for a flapping size (35-49 actions a day instead of 11-12 in
-# the simulated day when they went on the first covered decision).
+# Pending replicas go only after the placed ones alone have covered the need this long: a
+# burst's tail swings around the target, and dropping and re-ordering on each swing would trade
+# the window's waste for a flapping size (35-49 actions a day instead of 11-12 in the simulated
+# day when they went on the first covered decision).
 PENDING_HOLD_S = 60.0
 
 
@@ -192,6 +192,7 @@ class ReplicaAutoscaler:
     _demand: Holt | None = None  # level and trend of the smoothed tokens/s
     _season: DailyProfile | None = None  # the smoothed tokens/s by time of day
     _forecast_by: str = "trend"  # which of the two made the last forecast (for the reason)
+    _covered_since: float | None = None  # since when the placed replicas alone cover the need
     _capacity: float | None = None  # tokens/s one replica serves at saturation 1, learned
     _observed_at: float | None = None
     _first_observed: float | None = None
@@ -249,6 +250,10 @@ class ReplicaAutoscaler:
 
         floor = max(1, cfg.min_replicas)
         if current == 0:
+            if self._season is not None:
+                # A pool at zero serves nothing: its night is part of the day's shape too
+                # (without it the profile would never see a whole day).
+                self._season.update(0.0, now)
             if not cfg.scale_to_zero:
                 return self._finish(now, floor, current, "below min_replicas")
             if obs.held_requests > 0 or (obs.arrival_rate_rps or 0) > 0:
@@ -292,7 +297,31 @@ class ReplicaAutoscaler:
             idle_for = now - (self._busy_at or now)
             if idle_for >= cfg.idle_before_zero_s:
                 raw, reason, to_zero = 0, f"idle for {idle_for:.0f}s", True
-        d = self._finish(now, raw, current, reason, panic=panic, to_zero=to_zero, pending=pending)
+        # Are the placed replicas alone enough (the recommendation without the Pending ones,
+        # and the forecast)? For how long, is what lets Pending replicas go.
+        placed = current - pending
+        if pending:
+            need = hpa_replicas(
+                placed, [x / u for x in sats], missing=missing, unready=unhealthy,
+                tolerance=cfg.tolerance,
+            )  # fmt: skip
+            covered = max(need, forecast or 0, floor) <= placed
+        else:
+            covered = False
+        if not covered:
+            self._covered_since = None
+        elif self._covered_since is None:
+            self._covered_since = now
+        drop_to = None
+        if (
+            pending
+            and not panic
+            and raw <= current
+            and self._covered_since is not None
+            and now - self._covered_since >= PENDING_HOLD_S
+        ):
+            drop_to = placed
+        d = self._finish(now, raw, current, reason, panic=panic, to_zero=to_zero, drop_to=drop_to)
         return Decision(
             d.desired, current, d.reason, mean_sat, len(fresh), panic, reactive, forecast
         )
@@ -308,7 +337,7 @@ class ReplicaAutoscaler:
         *,
         panic: bool = False,
         to_zero: bool = False,
-        pending: int = 0,
+        drop_to: int | None = None,
     ) -> Decision:
         cfg = self.cfg
         self._confirm_up(current)
@@ -333,15 +362,8 @@ class ReplicaAutoscaler:
             # To zero only after idle_before_zero_s of no work: that wait is its stabilization.
             window_max = 0 if to_zero else max(r for _, r in self._recs)
             desired = min(current, window_max)
-            placed = current - pending
             if panic:
                 desired, reason = current, reason + "; panic mode holds"
-            elif pending and self._recent_max(now, PENDING_HOLD_S) <= placed < desired:
-                # Pending replicas serve nothing and hold no node yet: once the placed ones
-                # cover the need, those ordered for a burst that has passed go now, not after
-                # the window (which is there to keep serving capacity).
-                reason += f"; {desired - placed} pending replicas no longer needed"
-                desired = placed
             elif desired == current and raw < current:
                 reason += f"; stabilizing at {desired}"  # the window holds the size
             elif desired > math.floor(current * (1 - cfg.scale_down_tolerance)):
@@ -350,6 +372,13 @@ class ReplicaAutoscaler:
                 desired, reason = current, reason + "; within scale-down tolerance"
             elif desired > raw:
                 reason += f"; stabilizing at {desired}"
+        if drop_to is not None and drop_to < desired:
+            # Pending replicas serve nothing and hold no node yet: once the placed ones have
+            # covered the need for PENDING_HOLD_S, those ordered for a burst that has passed go
+            # now, not after the window or within the tolerance (both are there for serving
+            # capacity, which they are not).
+            reason += f"; {desired - drop_to} pending replicas no longer needed"
+            desired = drop_to
         if desired > cfg.max_replicas:
             # Above max (max lowered, or a manual scale): no hold keeps it there.
             desired = cfg.max_replicas
@@ -357,9 +386,6 @@ class ReplicaAutoscaler:
         if desired > current:
             self._asked_up = (now, current, desired)
         return Decision(desired, current, reason)
-
-    def _recent_max(self, now: float, window_s: float) -> int:
-        return max((r for t, r in self._recs if t >= now - window_s), default=0)
 
     def _confirm_up(self, current: int) -> None:
         if self._asked_up is None:

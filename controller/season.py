@@ -9,8 +9,10 @@ seen, the pool's demand at the same time of the last periods says where it is go
   demand seen in it, blended over days (`day_weight` for the newest day);
 - the profile read back is a running median over `smooth_bins` neighbouring bins, so a burst
   yesterday (minutes long, at a random time) is not ordered again today;
-- today's level against the profile (the median ratio over the last `recent_bins` bins) scales
-  the forecast, so a busier or quieter day than the last is followed, but not one burst.
+- today's level against the profile (the median ratio of the last `recent_bins` bins to the
+  same bins of the profile as it stood when the current period began; bins below 5 % of the
+  profile's peak left out) scales the forecast, so a busier or quieter day than the last is
+  followed, but not one burst.
 
 Pure: fed plain numbers and `now` (seconds on any clock that advances with real time; the live
 controller's wall clock puts bin 0 at 00:00 UTC). The profile lives in the leader's memory: a new
@@ -23,6 +25,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
+
+# A bin's reference below this share of the profile's largest bin gives no level ratio.
+REF_FLOOR = 0.05
 
 
 @dataclass
@@ -44,7 +49,8 @@ class DailyProfile:
     # running median sits above a trough and below a peak; a burst on either day is one
     # outlier among `recent_bins` ratios).
     _reference: list[float | None] | None = None
-    _first: int | None = None  # ring index of the first bin ever closed: where periods start
+    _first: int | None = None  # absolute index of the first bin ever closed: periods count from it
+    _ref_period: int = 0  # the period the reference was taken at (0: none yet)
     _bin: int | None = None  # absolute index of the bin being accumulated
     _sum: float = 0.0
     _n: int = 0
@@ -83,11 +89,16 @@ class DailyProfile:
         mean = self._sum / self._n
         i = self._bin % self.bins
         if self._first is None:
-            self._first = i
-        if i == self._first and self.ready:
-            self._reference = list(self._profile)
+            self._first = self._bin
+        period = (self._bin - self._first) // self.bins
+        if period > self._ref_period and self.ready:
+            # The first bin closed in a new period (whichever: bins can be skipped while the
+            # controller sees no replica) takes the reference for the period.
+            self._reference, self._ref_period = list(self._profile), period
         ref = self._reference[i] if self._reference is not None else None
-        if ref:
+        if ref is not None and ref > REF_FLOOR * max(v or 0.0 for v in self._reference or ()):
+            # Bins near zero (a quiet night, a pool at zero) say nothing about today's level:
+            # one tail of a decaying average over another is any ratio at all.
             self._ratios.append(mean / ref)
             while len(self._ratios) > self.recent_bins:
                 self._ratios.popleft()

@@ -414,7 +414,7 @@ def make_policy(
 ) -> object:
     """A policy at one setting; `kvpilot_scaling` overrides kvpilot's PoolScalingConfig keys
     (checked as in kvpilot.yaml: a bad key raises ConfigError naming it). `day_s` is a day on
-    the simulation's clock (compressed), the period of kvpilot's daily profile."""
+    the simulation's clock (compressed), the period of kvpilot's daily profile (0: none)."""
     if name == "hpa-queue":
         return HpaQueue(float(setting), limits)
     if name == "hpa-duty":

@@ -185,16 +185,23 @@ async def test_scale_subresource_read_and_write(
     assert await s.get_replicas(kind, "ml", name) == 5
 
 
-def pod(name: str, phase: str, labels: dict[str, str], **meta: Any) -> dict[str, Any]:
+def pod(
+    name: str, phase: str, labels: dict[str, str], node: str = "", **meta: Any
+) -> dict[str, Any]:
     return {
         "metadata": {"name": name, "namespace": "ml", "labels": labels, **meta},
+        "spec": {
+            "containers": [{"name": "m", "image": "m"}],
+            **({"nodeName": node} if node else {}),
+        },
         "status": {"phase": phase},
     }
 
 
 async def test_size_counts_the_workloads_pending_pods(cluster: Any) -> None:
     """Pending pods (waiting for a node) are found through the selector /scale reports; pods of
-    other workloads, running ones and ones being deleted do not count."""
+    other workloads, running ones, ones being deleted and Pending ones already on a node (pulling
+    their image) do not count."""
     k8s, api = cluster
     llama = k8s.objects[DEPLOY, "ml", "llama"]
     llama.patch({"spec": {"replicas": 4, "selector": {"matchLabels": {"app": "llama"}}}})
@@ -206,6 +213,7 @@ async def test_size_counts_the_workloads_pending_pods(cluster: Any) -> None:
         ("l-3", "Pending", mine, {}),
         ("l-old", "Pending", mine, {"deletionTimestamp": "2026-11-26T00:00:00Z"}),
         ("other", "Pending", {"app": "mixtral"}, {}),
+        ("l-pulling", "Pending", mine, {"node": "gke-l4-1"}),
     ]:
         k8s.objects["v1/pods", "ml", name] = pod(name, phase, labels, **meta)
     s = KubeScaler(api, FAST)

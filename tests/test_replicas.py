@@ -179,6 +179,20 @@ def test_pending_replicas_are_unready_and_go_once_not_needed() -> None:
     assert all(d == 8 for _, d, _ in run(pending=0))
 
 
+def test_pending_replicas_go_when_the_placed_ones_sit_within_tolerance() -> None:
+    """After a burst the placed replicas usually sit near their target, where the HPA keeps the
+    current size (Pending ones included): judged without the Pending ones, they cover the need."""
+    a = ReplicaAutoscaler(CFG)
+    a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
+    sizes = []
+    current = 8
+    for t in (1015.0, 1030.0, 1045.0, 1060.0, 1075.0):
+        obs = PoolObservation(current, at_ratio(4, 0.95, observed_at=t), pending_replicas=4)
+        current = a.decide(obs, t).desired
+        sizes.append(current)
+    assert sizes == [8, 8, 8, 8, 4]
+
+
 def test_pending_replicas_stay_while_needed_or_in_panic() -> None:
     a = ReplicaAutoscaler(CFG)
     a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)

@@ -148,3 +148,36 @@ def test_a_settings_change_keeps_the_learned_day() -> None:
     assert kept._season is a._season
     fresh = a.with_settings(dataclasses.replace(cfg, season_s=2 * DAY))
     assert fresh._season is not None and not fresh._season.ready
+
+
+def test_quiet_nights_do_not_set_the_level() -> None:
+    """No traffic at night: a decaying average leaves tails like 1e-200 in those bins, and one
+    tail over another is any ratio at all; the level at dawn must come from real demand."""
+
+    def day_only(t: float) -> float:
+        h = (t % DAY) / DAY * 24
+        return diurnal(t) if 7.2 <= h < 20.4 else 1e-200 * (1 + (t % 1000))
+
+    p = DailyProfile(DAY)
+    feed(p, 0.0, 2 * DAY + DAY * 7.5 / 24, day_only)
+    assert p.level() == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_day_whose_first_bin_is_missed_still_reads_its_level() -> None:
+    """The reference for a new day is taken at its first bin seen, not only at the ring index
+    the profile started at (the controller may see no replica then)."""
+    p = DailyProfile(DAY)
+    feed(p, 0.0, DAY, diurnal)
+    feed(p, DAY + 300.0, DAY + 3000.0, lambda t: 1.2 * diurnal(t))  # bins 0-2 of day 2 missed
+    assert p.level() == pytest.approx(1.2, rel=0.03)
+
+
+def test_a_pool_at_zero_still_learns_its_night() -> None:
+    cfg = PoolScalingConfig(season_s=DAY, min_replicas=0, scale_to_zero=True)
+    a = ReplicaAutoscaler(cfg)
+    assert a._season is not None
+    t = 0.0
+    while t <= DAY + 200.0:  # a whole day at zero: the profile is complete (and flat)
+        a.decide(PoolObservation(0), t)
+        t += 15.0
+    assert a._season.ready and a._season.forecast(DAY + 500.0) == 0.0
