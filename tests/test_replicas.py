@@ -150,13 +150,25 @@ def test_panic_mode_blocks_scale_down() -> None:
     assert not d.panic and d.desired == 1
 
 
+def profiled(cfg: PoolScalingConfig = CFG) -> ReplicaAutoscaler:
+    """An autoscaler that has seen a whole (quiet) day: its forecast is the daily profile's."""
+    a = ReplicaAutoscaler(
+        dataclasses.replace(cfg, forecast=True, season_s=960.0, capacity_tokens_per_s=1000.0)
+    )
+    assert a._season is not None
+    for t in range(0, 1000, 5):
+        a._season.update(0.0, float(t))
+    assert a._season.ready
+    return a
+
+
 def test_pending_replicas_are_unready_and_go_once_not_needed() -> None:
     """Pods still Pending (no node) are the HPA's unready pods: set aside when scaling down, so
     once the burst that ordered them has passed (a minute of recommendations the placed
     replicas cover) they go, without waiting out the window that protects serving replicas."""
 
     def run(pending: int) -> list[tuple[float, int, str]]:
-        a = ReplicaAutoscaler(CFG)
+        a = profiled()
         assert a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8  # a burst
         out = []
         current = 8
@@ -179,10 +191,19 @@ def test_pending_replicas_are_unready_and_go_once_not_needed() -> None:
     assert all(d == 8 for _, d, _ in run(pending=0))
 
 
+def test_pending_replicas_stay_without_a_daily_profile() -> None:
+    """On the trend alone (a first day) Pending replicas may be a ramp's, ordered early: held."""
+    a = ReplicaAutoscaler(dataclasses.replace(CFG, forecast=True, capacity_tokens_per_s=1000.0))
+    a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
+    for t in (1015.0, 1030.0, 1045.0, 1060.0, 1075.0, 1090.0):
+        obs = PoolObservation(8, at_ratio(4, 0.8, observed_at=t), pending_replicas=4)
+        assert a.decide(obs, t).desired == 8
+
+
 def test_pending_replicas_go_when_the_placed_ones_sit_within_tolerance() -> None:
     """After a burst the placed replicas usually sit near their target, where the HPA keeps the
     current size (Pending ones included): judged without the Pending ones, they cover the need."""
-    a = ReplicaAutoscaler(CFG)
+    a = profiled()
     a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
     sizes = []
     current = 8
@@ -194,19 +215,19 @@ def test_pending_replicas_go_when_the_placed_ones_sit_within_tolerance() -> None
 
 
 def test_pending_replicas_stay_while_needed_or_in_panic() -> None:
-    a = ReplicaAutoscaler(CFG)
-    a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
+    def sizes(a: ReplicaAutoscaler, ratio: float, burst: float = 1.9) -> list[int]:
+        a.decide(PoolObservation(4, at_ratio(4, burst)), 1000.0)
+        out = []
+        for t in (1015.0, 1030.0, 1045.0, 1060.0, 1075.0, 1090.0):
+            obs = PoolObservation(8, at_ratio(4, ratio, observed_at=t), pending_replicas=4)
+            out.append(a.decide(obs, t).desired)
+        return out
+
     # still overloaded: the placed replicas do not cover the need, the pending ones stay
-    d = a.decide(
-        PoolObservation(8, at_ratio(4, 1.6, observed_at=1015.0), pending_replicas=4), 1015.0
-    )
-    assert d.desired == 8
-    b = ReplicaAutoscaler(dataclasses.replace(CFG, panic_threshold=1.5, panic_hold_s=60))
-    b.decide(PoolObservation(4, at_ratio(4, 2.0)), 1000.0)
-    d = b.decide(
-        PoolObservation(8, at_ratio(4, 0.5, observed_at=1015.0), pending_replicas=4), 1015.0
-    )
-    assert d.panic and d.desired == 8
+    assert sizes(profiled(), 1.6) == [8] * 6
+    # covered, but in panic (a sudden overload that may come back): they stay
+    calm = profiled(dataclasses.replace(CFG, panic_threshold=1.5, panic_hold_s=120))
+    assert sizes(calm, 0.5, burst=2.0) == [8] * 6
 
 
 def test_min_and_max_bound_the_decision() -> None:
