@@ -315,10 +315,11 @@ class ReplicaAutoscaler:
         drop_to = None
         if (
             pending
-            # Only with the daily profile: it knows a ramp is coming, so Pending replicas it
-            # does not ask for are a passed burst's. The trend cannot tell them from replicas
-            # ordered early in a ramp (dropping those cost a first day 4 % of its SLO).
-            and self._forecast_by == "daily profile"
+            # Only when no ramp is coming: the daily profile knows (Pending replicas it does not
+            # ask for are a passed burst's); on the trend alone, only while it is not rising
+            # (replicas ordered early in a ramp look just as unneeded for a while: dropping
+            # them cost a first day 4 % of its SLO).
+            and (self._forecast_by == "daily profile" or self._rising() is False)
             and not panic
             and raw <= current
             and self._covered_since is not None
@@ -390,6 +391,12 @@ class ReplicaAutoscaler:
         if desired > current:
             self._asked_up = (now, current, desired)
         return Decision(desired, current, reason)
+
+    def _rising(self) -> bool | None:
+        """Whether the demand trend is up (None: no trend learned yet)."""
+        if self._demand is None or self._demand.level is None:
+            return None
+        return self._demand.trend > 0
 
     def _confirm_up(self, current: int) -> None:
         if self._asked_up is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -191,13 +192,24 @@ def test_pending_replicas_are_unready_and_go_once_not_needed() -> None:
     assert all(d == 8 for _, d, _ in run(pending=0))
 
 
-def test_pending_replicas_stay_without_a_daily_profile() -> None:
-    """On the trend alone (a first day) Pending replicas may be a ramp's, ordered early: held."""
-    a = ReplicaAutoscaler(dataclasses.replace(CFG, forecast=True, capacity_tokens_per_s=1000.0))
-    a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
-    for t in (1015.0, 1030.0, 1045.0, 1060.0, 1075.0, 1090.0):
-        obs = PoolObservation(8, at_ratio(4, 0.8, observed_at=t), pending_replicas=4)
-        assert a.decide(obs, t).desired == 8
+def test_without_a_daily_profile_pending_replicas_stay_while_demand_rises() -> None:
+    """On the trend alone (a first day), Pending replicas while demand rises may be a ramp's,
+    ordered early: held. With demand flat they are a passed burst's: dropped."""
+
+    def sizes(tokens: Callable[[float], float]) -> list[int]:
+        cfg = dataclasses.replace(
+            CFG, forecast=True, capacity_tokens_per_s=1000.0, lead_time_s=0.0, demand_window_s=15
+        )
+        a = ReplicaAutoscaler(cfg)
+        a.decide(PoolObservation(4, at_ratio(4, 1.9, generation_tokens_per_s=100.0)), 1000.0)
+        out = []
+        for t in (1015.0, 1030.0, 1045.0, 1060.0, 1075.0, 1090.0, 1105.0):
+            states = at_ratio(4, 0.8, observed_at=t, generation_tokens_per_s=tokens(t))
+            out.append(a.decide(PoolObservation(8, states, pending_replicas=4), t).desired)
+        return out
+
+    assert sizes(lambda t: 100.0 + 5.0 * (t - 1000.0)) == [8] * 7
+    assert sizes(lambda t: 100.0)[-1] == 4
 
 
 def test_pending_replicas_go_when_the_placed_ones_sit_within_tolerance() -> None:
