@@ -1,9 +1,9 @@
 """Autoscaling benchmark: every policy over a compressed, bursty day; the issue's target checked.
 
-Runs `kvpilot sim autoscale` with the documented settings (24 h in 3600 virtual seconds, L4 +
-Llama-3.1-8B, ShareGPT-like requests, demand of 2-10 replicas plus bursts; each baseline swept
-over its main target, kvpilot at its defaults), and writes JSON, a plot and a markdown table to
-out/ (git-ignored). Prints the machine it ran on for docs/benchmarks.md.
+Runs `kvpilot sim autoscale` with the documented settings (24 h in 3600 virtual seconds after
+one warm-up day, L4 + Llama-3.1-8B, ShareGPT-like requests, demand of 2-10 replicas plus bursts;
+each baseline swept over its main target, kvpilot at its defaults), and writes JSON, a plot and a
+markdown table to out/ (git-ignored). Prints the machine it ran on for docs/benchmarks.md.
 
     .venv/bin/python bench/autoscale.py [--seeds 1,2,3] [--duration 3600] [--workers 16]
 """
