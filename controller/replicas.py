@@ -181,10 +181,13 @@ class ReplicaAutoscaler:
 
     cfg: PoolScalingConfig
     _recs: deque[tuple[float, int]] = field(default_factory=deque)
-    _ups: deque[tuple[float, int]] = field(default_factory=deque)  # (time, replicas added)
-    # A scale-up decided but not yet seen applied: (time, from, to). It counts against the rate
-    # limit only once `current` shows it happened (not in dry-run, not after a failed write).
-    _asked_up: tuple[float, int, int] | None = None
+    # Our own scale events, (time, replicas added; negative: removed), as the HPA keeps them:
+    # the scale-up limit is taken from the size at the start of the period,
+    # current - added + removed.
+    _changes: deque[tuple[float, int]] = field(default_factory=deque)
+    # A scale decided but not yet seen applied: (time, from, to). It counts only once `current`
+    # shows it happened (not in dry-run, not after a failed write).
+    _asked: tuple[float, int, int] | None = None
     _panic_until: float = -math.inf
     _busy_at: float | None = None  # last time the pool had any work
     _tokens: Ewma | None = None  # pool tokens/s (prompt + generation), smoothed
@@ -213,7 +216,7 @@ class ReplicaAutoscaler:
         not act as a fresh start; the forecast learns again under the new settings, except the
         daily profile, which took a day to learn and stays while its period does."""
         new = ReplicaAutoscaler(cfg)
-        new._recs, new._ups, new._asked_up = deque(self._recs), deque(self._ups), self._asked_up
+        new._recs, new._changes, new._asked = deque(self._recs), deque(self._changes), self._asked
         new._panic_until, new._busy_at = self._panic_until, self._busy_at
         old = self._season
         if new._season is not None and old is not None and old.period_s == new._season.period_s:
@@ -345,7 +348,7 @@ class ReplicaAutoscaler:
         drop_to: int | None = None,
     ) -> Decision:
         cfg = self.cfg
-        self._confirm_up(current)
+        self._confirm(current)
         if not self._recs and cfg.scale_down_stabilization_s > 0:
             # The HPA's initial recommendation: the size found at start counts in the window,
             # so a fresh autoscaler (start, failover, new settings) waits it out before
@@ -388,8 +391,8 @@ class ReplicaAutoscaler:
             # Above max (max lowered, or a manual scale): no hold keeps it there.
             desired = cfg.max_replicas
             reason += f"; capped at max_replicas {cfg.max_replicas}"
-        if desired > current:
-            self._asked_up = (now, current, desired)
+        if desired != current:
+            self._asked = (now, current, desired)
         return Decision(desired, current, reason)
 
     def _rising(self) -> bool | None:
@@ -398,19 +401,21 @@ class ReplicaAutoscaler:
             return None
         return self._demand.trend > 0
 
-    def _confirm_up(self, current: int) -> None:
-        if self._asked_up is None:
+    def _confirm(self, current: int) -> None:
+        if self._asked is None:
             return
-        t, before, to = self._asked_up
-        self._asked_up = None
-        if current > before:
-            self._ups.append((t, min(current, to) - before))
+        t, before, to = self._asked
+        self._asked = None
+        if to > before and current > before:
+            self._changes.append((t, min(current, to) - before))
+        elif to < before and current < before:
+            self._changes.append((t, max(current, to) - before))
 
     def _up_limit(self, now: float, current: int) -> int:
         cfg = self.cfg
-        while self._ups and self._ups[0][0] <= now - cfg.scale_up_period_s:
-            self._ups.popleft()
-        start = current - sum(n for _, n in self._ups)  # replicas at the start of the period
+        while self._changes and self._changes[0][0] <= now - cfg.scale_up_period_s:
+            self._changes.popleft()
+        start = current - sum(n for _, n in self._changes)  # the size at the period's start
         by_percent = math.ceil(start * (1 + cfg.scale_up_percent / 100))
         return max(by_percent, start + cfg.scale_up_pods, current)
 

@@ -477,6 +477,21 @@ def test_a_scale_up_that_never_happened_does_not_eat_the_rate_limit() -> None:
     assert d.desired == 8 and "rate-limited" in d.reason
 
 
+def test_replicas_removed_in_the_period_add_back_to_its_start() -> None:
+    """Kubernetes takes the scale-up limit from current - added + removed in the period: a
+    scale-down (here Pending replicas dropped) frees the room the scale-up before it used."""
+    a = profiled(dataclasses.replace(CFG, scale_up_period_s=300.0, scale_up_pods=0))
+    assert a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8  # +4
+    current = 8
+    for t in (1015.0, 1030.0, 1045.0, 1060.0, 1075.0):  # the burst passed before the nodes
+        obs = PoolObservation(current, at_ratio(4, 0.8, observed_at=t), pending_replicas=4)
+        current = a.decide(obs, t).desired
+    assert current == 4  # -4
+    # It comes back: the period started at 4 (4 - 4 + 4), so 100 % allows 8 again.
+    d = a.decide(PoolObservation(4, at_ratio(4, 1.9, observed_at=1090.0)), 1090.0)
+    assert d.desired == 8 and "rate-limited" not in d.reason
+
+
 def test_scale_to_zero_does_not_wait_a_second_window() -> None:
     cfg = dataclasses.replace(CFG, min_replicas=0, scale_to_zero=True, idle_before_zero_s=120)
     a = ReplicaAutoscaler(cfg)  # 300 s window: the idle time is the wait, not idle + window
