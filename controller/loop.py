@@ -41,6 +41,12 @@ FORECAST = Gauge(
     "kvpilot_controller_forecast_replicas", "Replicas the demand forecast asks for.", ["pool"]
 )
 PANIC = Gauge("kvpilot_controller_panic", "1 while the pool is in panic mode.", ["pool"])
+LEVEL = Gauge(
+    "kvpilot_controller_demand_level",
+    "Today's demand against the daily profile (1 = as on the days learned); absent until a "
+    "whole day has been seen, while the forecast is the trend's.",
+    ["pool"],
+)
 SCALE_ACTIONS = Counter(
     "kvpilot_controller_scale_actions_total",
     "Scaling decisions applied (or, in dry-run, that would have been).",
@@ -364,7 +370,7 @@ class Controller:
 
     @staticmethod
     def _unexport(pool: str) -> None:
-        for g in (DESIRED, CURRENT, SATURATION, FORECAST, PANIC):
+        for g in (DESIRED, CURRENT, SATURATION, FORECAST, PANIC, LEVEL):
             with contextlib.suppress(KeyError):
                 g.remove(pool)
 
@@ -377,6 +383,11 @@ class Controller:
         if d.forecast is not None:
             FORECAST.labels(pool).set(d.forecast)
         PANIC.labels(pool).set(1 if d.panic else 0)
+        if d.demand_level is not None:
+            LEVEL.labels(pool).set(d.demand_level)
+        else:
+            with contextlib.suppress(KeyError):
+                LEVEL.remove(pool)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -56,6 +56,7 @@ class Decision:
     panic: bool = False
     reactive: int | None = None  # HPA-style recommendation before limits
     forecast: int | None = None  # replicas the forecast asks for at now + lead time
+    demand_level: float | None = None  # today against the daily profile; None: no day seen yet
 
     @property
     def changed(self) -> bool:
@@ -330,8 +331,9 @@ class ReplicaAutoscaler:
         ):
             drop_to = placed
         d = self._finish(now, raw, current, reason, panic=panic, to_zero=to_zero, drop_to=drop_to)
+        level = self._season.level() if self._season and self._season.ready else None
         return Decision(
-            d.desired, current, d.reason, mean_sat, len(fresh), panic, reactive, forecast
+            d.desired, current, d.reason, mean_sat, len(fresh), panic, reactive, forecast, level
         )
 
     # --- internals ---------------------------------------------------------------------------

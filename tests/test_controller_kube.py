@@ -508,6 +508,27 @@ async def test_loop_scales_records_an_event_and_exports(cluster: Any) -> None:
     assert gauge("kvpilot_controller_desired_replicas", pool="llama") == 4
 
 
+async def test_loop_exports_the_demand_level_once_a_day_is_seen(cluster: Any) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    forecasting = {"llama": {"min_replicas": 1, "max_replicas": 10, "target_utilization": 1.0}}
+    ctl = Controller(
+        loop_config(pools=forecasting),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, now),
+        clock=lambda: now,
+    )
+    await ctl.tick()
+    # No day seen yet: the forecast is the trend's, and no demand level is exported.
+    assert gauge("kvpilot_controller_demand_level", pool="llama") is None
+    profile = ctl.autoscalers["llama"]._season
+    assert profile is not None
+    for t in range(int(now) - 86400 - 900, int(now), 300):  # a whole day seen
+        profile.update(100.0, float(t))
+    await ctl.tick()
+    assert gauge("kvpilot_controller_demand_level", pool="llama") == pytest.approx(1.0)
+
+
 async def test_loop_dry_run_only_decides(cluster: Any) -> None:
     k8s, api = cluster
     now = 5000.0

@@ -137,6 +137,8 @@ def test_autoscaler_orders_the_morning_ramp_from_yesterday() -> None:
     assert s.forecast is not None and tr.forecast is not None  # type: ignore[attr-defined]
     assert s.forecast >= 4 and tr.forecast <= 2  # type: ignore[attr-defined]
     assert "(daily profile)" in s.reason  # type: ignore[attr-defined]
+    assert s.demand_level == pytest.approx(1.0, abs=0.05)  # type: ignore[attr-defined]
+    assert tr.demand_level is None  # type: ignore[attr-defined]
 
 
 def test_a_settings_change_keeps_the_learned_day() -> None:
