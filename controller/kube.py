@@ -86,6 +86,10 @@ async def call(op: str, fn: Callable[[], Awaitable[T]], retry: Retry) -> T:
     raise AssertionError("unreachable")
 
 
+def _spec_replicas(scale: dict[str, Any]) -> int:
+    return int(scale.get("spec", {}).get("replicas", 0) or 0)
+
+
 @dataclass
 class KubeScaler:
     """Reads and writes workload sizes through the /scale subresource."""
@@ -109,7 +113,7 @@ class KubeScaler:
 
     async def get_replicas(self, kind: str, namespace: str, name: str) -> int:
         scale = await self.get_scale(kind, namespace, name)
-        return int(scale.get("spec", {}).get("replicas", 0) or 0)
+        return _spec_replicas(scale)
 
     async def get_size(self, kind: str, namespace: str, name: str) -> WorkloadSize:
         """spec.replicas, and how many of the workload's pods are Pending with no node yet
@@ -119,7 +123,7 @@ class KubeScaler:
         not missing); if it cannot be read, it is 0: they count as missing, the more
         conservative reading."""
         scale = await self.get_scale(kind, namespace, name)
-        replicas = int(scale.get("spec", {}).get("replicas", 0) or 0)
+        replicas = _spec_replicas(scale)
         selector = (scale.get("status") or {}).get("selector") or ""
         if not selector or replicas == 0:
             return WorkloadSize(replicas)
@@ -159,7 +163,7 @@ class KubeScaler:
         group, version, plural = WORKLOADS[kind]
         for _ in range(self.conflict_retries):
             scale = await self.get_scale(kind, namespace, name)
-            before = int(scale.get("spec", {}).get("replicas", 0) or 0)
+            before = _spec_replicas(scale)
             if before == replicas:
                 return before
             if expect is not None and before != expect:

@@ -195,7 +195,7 @@ class ReplicaAutoscaler:
     _load: Ewma | None = None  # pool saturation (sum over replicas), smoothed the same way
     _demand: Holt | None = None  # level and trend of the smoothed tokens/s
     _season: DailyProfile | None = None  # the smoothed tokens/s by time of day
-    _forecast_by: str = "trend"  # which of the two made the last forecast (for the reason)
+    _by_profile: bool = False  # the last forecast was the daily profile's (not the trend's)
     _covered_since: float | None = None  # since when the placed replicas alone cover the need
     _capacity: float | None = None  # tokens/s one replica serves at saturation 1, learned
     _observed_at: float | None = None
@@ -278,11 +278,10 @@ class ReplicaAutoscaler:
         missing = max(0, current - len(fresh) - unhealthy - pending)
         # The HPA on saturation against the target utilization (headroom for bursts a new
         # replica cannot start in time for).
-        u = cfg.target_utilization
+        ratios = [x / cfg.target_utilization for x in sats]
         reactive = hpa_replicas(
-            current, [x / u for x in sats], missing=missing, unready=unhealthy + pending,
-            tolerance=cfg.tolerance,
-        )  # fmt: skip
+            current, ratios, missing=missing, unready=unhealthy + pending, tolerance=cfg.tolerance
+        )
         if mean_sat >= cfg.panic_threshold:
             self._panic_until = now + cfg.panic_hold_s
         panic = now < self._panic_until
@@ -291,8 +290,8 @@ class ReplicaAutoscaler:
         raw = reactive
         reason = f"saturation {mean_sat:.2f} over {len(fresh)} replicas"
         if forecast is not None and forecast > raw and (missing == 0 or forecast > current):
-            raw = forecast
-            reason = f"forecast {forecast} replicas in {cfg.lead_time_s:.0f}s ({self._forecast_by})"
+            by = "daily profile" if self._by_profile else "trend"
+            raw, reason = forecast, f"forecast {forecast} replicas in {cfg.lead_time_s:.0f}s ({by})"
         if raw > current and cfg.scale_up_margin > 0:
             # Step past the need, so the next step up comes later: fewer, larger actions.
             raw = math.ceil(raw * (1 + cfg.scale_up_margin))
@@ -304,30 +303,26 @@ class ReplicaAutoscaler:
         # Are the placed replicas alone enough (the recommendation without the Pending ones,
         # and the forecast)? For how long, is what lets Pending replicas go.
         placed = current - pending
+        need = reactive
         if pending:
             need = hpa_replicas(
-                placed, [x / u for x in sats], missing=missing, unready=unhealthy,
-                tolerance=cfg.tolerance,
-            )  # fmt: skip
-            covered = max(need, forecast or 0, floor) <= placed
-        else:
-            covered = False
-        if not covered:
+                placed, ratios, missing=missing, unready=unhealthy, tolerance=cfg.tolerance
+            )
+        if not pending or max(need, forecast or 0, floor) > placed:
             self._covered_since = None
         elif self._covered_since is None:
             self._covered_since = now
         drop_to = None
         if (
-            pending
+            self._covered_since is not None
+            and now - self._covered_since >= PENDING_HOLD_S
             # Only when no ramp is coming: the daily profile knows (Pending replicas it does not
             # ask for are a passed burst's); on the trend alone, only while it is not rising
             # (replicas ordered early in a ramp look just as unneeded for a while: dropping
             # them cost a first day 4 % of its SLO).
-            and (self._forecast_by == "daily profile" or self._rising() is False)
+            and (self._by_profile or self._rising() is False)
             and not panic
             and raw <= current
-            and self._covered_since is not None
-            and now - self._covered_since >= PENDING_HOLD_S
         ):
             drop_to = placed
         d = self._finish(now, raw, current, reason, panic=panic, to_zero=to_zero, drop_to=drop_to)
@@ -454,7 +449,7 @@ class ReplicaAutoscaler:
         demand = None
         if self._season is not None:
             demand = self._season.forecast(now + self.cfg.lead_time_s)
-        self._forecast_by = "trend" if demand is None else "daily profile"
+        self._by_profile = demand is not None
         if demand is None:
             demand = self._demand.forecast(self.cfg.lead_time_s)
         if demand is None:

@@ -60,6 +60,7 @@ class DailyProfile:
         if self.period_s <= 0 or self.bins < 1:
             raise ValueError("period_s must be > 0 and bins >= 1")
         self._profile = [None] * self.bins
+        self._ratios = deque(maxlen=self.recent_bins)
 
     @property
     def bin_s(self) -> float:
@@ -100,8 +101,6 @@ class DailyProfile:
             # Bins near zero (a quiet night, a pool at zero) say nothing about today's level:
             # one tail of a decaying average over another is any ratio at all.
             self._ratios.append(mean / ref)
-            while len(self._ratios) > self.recent_bins:
-                self._ratios.popleft()
         old = self._profile[i]
         self._profile[i] = mean if old is None else old + self.day_weight * (mean - old)
         self._smoothed = None

@@ -108,7 +108,8 @@ def make_day_trace(
     so that every policy starts the measured day from the state its previous day left it in (a
     policy that only scales up would otherwise carry the bill for its overnight replicas into a
     day nobody measures, and a policy that learns the day has seen one). The measured day starts
-    at `day_start_s(...)`; its requests are the same whatever `warmup_days` is, only shifted."""
+    at `warmup_days x duration_s` then; its requests are the same whatever `warmup_days` is,
+    only shifted."""
     if workload not in SIZERS:
         raise ValueError(f"autoscale workload must be one of {sorted(SIZERS)}, not {workload!r}")
     if warmup_days < 0:
@@ -128,7 +129,7 @@ def make_day_trace(
     )
     if warmup_days == 0:
         return [replace(r, request_id=f"r{i}") for i, r in enumerate(measured)]
-    shift = day_start_s(preroll_s, warmup_days, duration_s) - preroll_s
+    shift = warmup_days * duration_s - preroll_s  # the pre-roll's end to the day's start
     out: list[SimRequest] = []
     for k in range(warmup_days):
         start = k * duration_s
@@ -145,11 +146,6 @@ def make_day_trace(
         )
     out += [replace(r, arrival_s=r.arrival_s + shift) for r in measured if r.arrival_s >= preroll_s]
     return [replace(r, request_id=f"r{i}") for i, r in enumerate(out)]
-
-
-def day_start_s(preroll_s: float, warmup_days: int, duration_s: float) -> float:
-    """Where the measured day starts on the simulation's clock."""
-    return preroll_s if warmup_days == 0 else warmup_days * duration_s
 
 
 def _arrivals(
@@ -324,7 +320,7 @@ class Scenario:
     @property
     def day_start_s(self) -> float:
         """Where the measured day starts on the simulation's clock."""
-        return day_start_s(self.preroll_s, self.warmup_days, self.duration_s)
+        return self.warmup_days * self.duration_s if self.warmup_days else self.preroll_s
 
     @property
     def spec(self) -> ReplicaSpec:

@@ -493,12 +493,21 @@ def gauge(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
 
 
+def kube_controller(api: Any, now: float, *, cfg: Any = None, states: Any = None, **kw: Any) -> Any:
+    """The loop on the real KubeScaler (kmock) at a fixed clock; two busy replicas unless told."""
+    return Controller(
+        cfg or loop_config(),
+        KubeActuator(KubeScaler(api, FAST)),
+        states or (lambda: busy(2, now)),
+        clock=lambda: now,
+        **kw,
+    )
+
+
 async def test_loop_scales_records_an_event_and_exports(cluster: Any) -> None:
     k8s, api = cluster
     now = 5000.0
-    ctl = Controller(
-        loop_config(), KubeActuator(KubeScaler(api, FAST)), lambda: busy(2, now), clock=lambda: now
-    )
+    ctl = kube_controller(api, now)
     ds = await ctl.tick()
     assert ds["llama"].desired == 4  # saturation 2.0 over 2 replicas
     assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 4
@@ -512,12 +521,7 @@ async def test_loop_exports_the_demand_level_once_a_day_is_seen(cluster: Any) ->
     k8s, api = cluster
     now = 5000.0
     forecasting = {"llama": {"min_replicas": 1, "max_replicas": 10, "target_utilization": 1.0}}
-    ctl = Controller(
-        loop_config(pools=forecasting),
-        KubeActuator(KubeScaler(api, FAST)),
-        lambda: busy(2, now),
-        clock=lambda: now,
-    )
+    ctl = kube_controller(api, now, cfg=loop_config(pools=forecasting))
     await ctl.tick()
     # No day seen yet: the forecast is the trend's, and no demand level is exported.
     assert gauge("kvpilot_controller_demand_level", pool="llama") is None
@@ -539,9 +543,7 @@ async def test_loop_dry_run_only_decides(cluster: Any) -> None:
         )
         or 0
     )
-    ctl = Controller(
-        cfg, KubeActuator(KubeScaler(api, FAST)), lambda: busy(2, now), clock=lambda: now
-    )
+    ctl = kube_controller(api, now, cfg=cfg)
     assert (await ctl.tick())["llama"].desired == 4
     assert k8s.scale_writes == []
     after = gauge(
@@ -554,9 +556,7 @@ async def test_loop_holds_when_agents_are_down_or_the_api_fails(cluster: Any) ->
     k8s, api = cluster
     now = 5000.0
     states: list[ReplicaState] = []
-    ctl = Controller(
-        loop_config(), KubeActuator(KubeScaler(api, FAST)), lambda: states, clock=lambda: now
-    )
+    ctl = kube_controller(api, now, states=lambda: states)
     assert (await ctl.tick())["llama"].desired == 2  # no states at all: hold
     # Reads fail for good: the pool is skipped, nothing is written.
     k8s.fail(lambda r: r.subresource == "scale", 500, times=8)
@@ -674,11 +674,10 @@ async def test_an_ex_leader_drops_every_gauge_it_exported(cluster: Any) -> None:
     async def leader() -> bool:
         return leading[0]
 
-    ctl = Controller(
-        loop_config(node_actuator="placeholders"),
-        KubeActuator(KubeScaler(api, FAST)),
-        lambda: busy(2, now),
-        clock=lambda: now,
+    ctl = kube_controller(
+        api,
+        now,
+        cfg=loop_config(node_actuator="placeholders"),
         leader=leader,
         nodes=PlaceholderNodes(Placeholders(api, "kvpilot-placeholders", retry=FAST)),
     )
@@ -704,11 +703,9 @@ async def test_a_slow_event_neither_fails_nor_uncounts_a_done_scale(cluster: Any
     async def leader() -> bool:
         return True
 
-    ctl = Controller(
-        loop_config(),
-        KubeActuator(KubeScaler(api, FAST)),
-        lambda: busy(2, now),
-        clock=lambda: now,
+    ctl = kube_controller(
+        api,
+        now,
         leader=leader,
         lease_left=lambda: 0.5,  # the Event's retries take longer than this
     )
@@ -748,14 +745,7 @@ async def test_a_new_term_makes_the_node_actuator_forget_its_cache(cluster: Any)
             self.resets += 1
 
     nodes = Nodes()
-    ctl = Controller(
-        loop_config(),
-        KubeActuator(KubeScaler(api, FAST)),
-        lambda: busy(2, now),
-        clock=lambda: now,
-        leader=leader,
-        nodes=nodes,
-    )
+    ctl = kube_controller(api, now, leader=leader, nodes=nodes)
     await ctl.tick()  # the first term
     await ctl.tick()
     assert nodes.resets == 1
@@ -775,11 +765,9 @@ async def test_a_write_is_cut_off_at_the_renew_deadline(cluster: Any) -> None:
     async def leader() -> bool:
         return True
 
-    ctl = Controller(
-        loop_config(),
-        KubeActuator(KubeScaler(api, FAST)),
-        lambda: busy(2, now),
-        clock=lambda: now,
+    ctl = kube_controller(
+        api,
+        now,
         leader=leader,
         lease_left=lambda: 0.5,  # the retries would take > 1 s
     )
@@ -806,11 +794,11 @@ async def test_loop_placeholders_for_headroom(cluster: Any) -> None:
         }
     )
     ph = Placeholders(api, "kvpilot-placeholders", retry=FAST)
-    ctl = Controller(
-        cfg,
-        KubeActuator(KubeScaler(api, FAST)),
-        lambda: busy(2, now, waiting=4),
-        clock=lambda: now,
+    ctl = kube_controller(
+        api,
+        now,
+        cfg=cfg,
+        states=lambda: busy(2, now, waiting=4),
         nodes=PlaceholderNodes(ph),
     )
     await ctl.tick()
@@ -895,11 +883,5 @@ async def test_gateways_that_do_not_answer_leave_the_controller_on_agent_states(
     now = 5000.0
     async with aiohttp.ClientSession() as s:
         demand = GatewayDemand(["http://127.0.0.1:9"], s, timeout_s=0.5)  # nothing listens
-        ctl = Controller(
-            loop_config(),
-            KubeActuator(KubeScaler(api, FAST)),
-            lambda: busy(2, now),
-            clock=lambda: now,
-            demand=demand,
-        )
+        ctl = kube_controller(api, now, demand=demand)
         assert (await ctl.tick())["llama"].desired == 4  # as without gateways
