@@ -92,6 +92,7 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
         gateway.session = session
+        gateway.loop = asyncio.get_running_loop()
         peers_dir = os.environ.get(PEERS_ENV_DIR, "")
         if worker >= 0 and peers_dir and gw_cfg.peer_sync_s > 0:
             fleet.peers = PeerAccounts(

@@ -37,6 +37,10 @@ def main(argv: list[str]) -> int:
     workers = cfg.gateway.workers or min(64, available_cpus())
     if workers > 1 and args.worker < 0:
         return supervise(cfg, args.config, args.listen, args.log_level, workers)
+    if args.worker >= 0:
+        from gateway.metrics import pin_worker_pid
+
+        pin_worker_pid()
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as r:
         r.run(serve(cfg, args.config, args.listen, worker=args.worker))
     return 0

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, values
 from prometheus_client.metrics import MetricWrapperBase
 
 # Latency buckets from 5 ms (a cached short prompt on a fast GPU) to 2 min (a long generation).
@@ -102,6 +102,17 @@ REPLICAS = Gauge(
 
 
 _children: dict[tuple[Any, ...], Any] = {}
+
+
+def pin_worker_pid() -> None:
+    """In a worker process (prometheus-client's multiprocess mode): tell prometheus-client this
+    process's pid once. Its default asks `os.getpid()` on every inc, set and observe, to notice a
+    fork; a worker is exec'd by the supervisor and never forks, and each ask is a system call
+    (~10 a request; costly under gVisor, where GKE Sandbox pods run). Call it before the first
+    sample: values already made keep the default, and two kinds side by side would share a file."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        pid = os.getpid()
+        values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid)
 
 
 def child(metric: MetricWrapperBase, *labels: str) -> Any:

@@ -63,6 +63,9 @@ PREFIX = struct.Struct("<HHH")
 # intervals; a younger copy is about as fresh as what the peers publish (each at most every
 # interval), so a busy worker reads them just after the pick instead.
 SYNC_AFTER = 2
+# A change that comes within `interval_s` of the last publish goes out with the first change
+# after it, or this many intervals after that publish if no change comes (a worker gone quiet).
+FLUSH_AFTER = 3
 
 
 Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
@@ -130,8 +133,9 @@ class PeerAccounts:
         self._published_at = -1e18
         self._learned_at = -1e18
         self._learn_dirty = True  # the first publish says what there is (nothing yet)
-        self._learn_pending: asyncio.TimerHandle | None = None
-        self._pending: asyncio.TimerHandle | None = None
+        self._pending: asyncio.Handle | None = None  # a publish this loop step
+        self._flush: asyncio.TimerHandle | None = None  # a publish at `_flush_at` at the latest
+        self._flush_at = 0.0
         self._read_pending: asyncio.Handle | None = None
         self._too_big = False
         self.totals: dict[str, InFlight] = {}  # replica id -> the peers' summed totals
@@ -139,26 +143,43 @@ class PeerAccounts:
     # ---- publishing this worker's totals --------------------------------------------------------
 
     def changed(self, learned: bool = False) -> None:
-        """This worker's ledger changed (`learned`: its policy learned from an answer too):
-        publish within `interval_s`, at most once per interval."""
+        """This worker's ledger changed (`learned`: its policy learned from an answer too).
+
+        Published just after the current loop step (off the request's path) when the last
+        publish is `interval_s` old; else left for the first change after that, or at the latest
+        FLUSH_AFTER intervals on. A timer per interval would wake an idle worker once a request
+        (a request's start publishes, its end comes within the interval), and at a paced load
+        each wake-up of a sleeping process is the costly part of a hop (gVisor)."""
         self._learn_dirty |= learned
         if self.loop is None:
             self.publish()
             return
         if self._pending is not None:
-            return
-        delay = max(0.0, self._published_at + self.interval_s - time.monotonic())
-        self._pending = self.loop.call_later(delay, self._publish_pending)
+            return  # a publish is coming this loop step
+        now = time.monotonic()
+        if now - self._published_at >= self.interval_s:
+            self._pending = self.loop.call_soon(self._publish_pending)
+        else:
+            self._flush_by(self._published_at + FLUSH_AFTER * self.interval_s)
+
+    def _flush_by(self, at: float) -> None:
+        """Publish at `at` at the latest, unless an earlier publish comes first."""
+        assert self.loop is not None
+        if self._flush is not None:
+            if self._flush_at <= at:
+                return
+            self._flush.cancel()
+        self._flush_at = at
+        self._flush = self.loop.call_later(max(0.0, at - time.monotonic()), self._publish_pending)
 
     def _publish_pending(self) -> None:
         self._pending = None
         self.publish()
 
-    def _publish_learned(self) -> None:
-        self._learn_pending = None
-        self.publish()
-
     def publish(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         self._published_at = time.monotonic()
         own = {rid: _row(f) for rid, f in self.source().items() if f != EMPTY}
         out: dict[str, Any] = {"f": own}
@@ -167,13 +188,13 @@ class PeerAccounts:
             head = PREFIX.pack(len(p), len(r), len(note)) + p + r
             self._ring.append(head + array("d", note).tobytes() + array("Q", hashes).tobytes())
         if self._learn_dirty:
-            wait = self._learned_at + LEARNED_EVERY * self.interval_s - self._published_at
-            if wait <= 0 or self.loop is None:
+            due = self._learned_at + LEARNED_EVERY * self.interval_s
+            if due <= self._published_at or self.loop is None:
                 self._learned_at = self._published_at
                 self._learn_dirty = False
                 out["l"] = {pool: [ep, d] for pool, (ep, d) in self.learned().items() if d}
-            elif self._learn_pending is None:  # it goes out later, with this one at the latest
-                self._learn_pending = self.loop.call_later(wait, self._publish_learned)
+            else:  # with the first publish after `due`, or on its own then
+                self._flush_by(due)
         self._write(orjson.dumps(out))
 
     def _write(self, payload: bytes) -> None:
@@ -313,7 +334,7 @@ class PeerAccounts:
             self._rings[p.name] = ring
 
     def close(self) -> None:
-        for handle in (self._pending, self._learn_pending, self._read_pending):
+        for handle in (self._pending, self._flush, self._read_pending):
             if handle is not None:
                 handle.cancel()
         for mm, _, _, _ in self._peers.values():

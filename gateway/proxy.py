@@ -28,7 +28,7 @@ import dataclasses
 import hmac
 import itertools
 import logging
-import os
+import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -160,6 +160,9 @@ class Gateway:
         self.fleet = fleet
         self.estimator = estimator or Estimator()
         self.session: aiohttp.ClientSession | None = None  # set by the app's lifecycle
+        # The loop the session runs on, set with it: asyncio.get_running_loop() asks getpid() (a
+        # system call) each time, and the request path needs the loop for its deadlines.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.pools: dict[str, PoolRuntime] = {}
         # model -> the pools that list it, in config order (spill-over goes down the list)
         self.model_pools: dict[str, tuple[PoolRuntime, ...]] = {}
@@ -358,7 +361,9 @@ class Gateway:
             # in-flight account needs a key of its own per request.
             key = f"{rid}#{next(self._seq)}"
         else:
-            rid = key = os.urandom(16).hex()
+            # Python's generator, seeded per process from the OS: unique enough for a request id,
+            # and no system call a request (os.urandom is one: costly under gVisor).
+            rid = key = f"{random.getrandbits(128):032x}"
         pool_name = model = ""
         try:
             self.check_auth(request)
@@ -576,6 +581,9 @@ class Gateway:
             raise UpstreamFailed(f"status_{resp.status}", f"HTTP {resp.status}")
         return resp
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop or asyncio.get_running_loop()
+
     async def _forward(
         self, url: str, raw: bytes, headers: list[tuple[str, str]], rid: str
     ) -> tuple[web.Response, _Outcome]:
@@ -583,7 +591,7 @@ class Gateway:
         resp = None
         body = _SentBody(raw)
         try:
-            with Deadline(asyncio.get_running_loop(), gw.first_byte_timeout_s) as deadline:
+            with Deadline(self._loop(), gw.first_byte_timeout_s) as deadline:
                 resp = await self._open(url, body, headers)
                 deadline.push(gw.idle_timeout_s)  # headers are in: the body must not stall
                 try:
@@ -626,7 +634,7 @@ class Gateway:
         try:
             # Until the first chunk has come the request may still go elsewhere: one deadline
             # for the headers and that chunk.
-            with Deadline(asyncio.get_running_loop(), gw.first_byte_timeout_s) as deadline:
+            with Deadline(self._loop(), gw.first_byte_timeout_s) as deadline:
                 resp = await self._open(url, raw, headers)
                 if resp.status != 200:  # an error answer (4xx): pass it on whole, it is small
                     deadline.push(gw.idle_timeout_s)
@@ -691,7 +699,7 @@ class Gateway:
             await client.write(first)
             writing = False
             # One deadline for the whole relay, pushed back per chunk: no timer per chunk.
-            with Deadline(asyncio.get_running_loop(), idle) as deadline:
+            with Deadline(self._loop(), idle) as deadline:
                 while True:
                     chunk = await content.readany()
                     if not chunk:  # end of the stream

@@ -13,7 +13,7 @@ import pytest
 from gateway.estimate import Estimator
 from gateway.fleet import Endpoint, Fleet
 from gateway.inflight import InFlight
-from gateway.peers import HEADER, PeerAccounts
+from gateway.peers import FLUSH_AFTER, HEADER, PeerAccounts
 
 NOW = 1_000.0
 
@@ -138,12 +138,11 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
         theirs["p"] = (1, {"r1": (0.3, 0.0)})
         # within 10 intervals of the last learning: in-flight only now, the learning later
         a.changed(learned=True)
-        await asyncio.sleep(
-            0.1
-        )  # its publish (in-flight only) is out; the learning is due at 0.5 s
+        # its publish (in-flight only, three intervals on) is out; the learning is due at 0.5 s
+        await asyncio.sleep(0.2)
         b.poll(NOW + 1)
         assert len(got) == 1
-        await asyncio.sleep(0.7)  # a's follow-up publish carries it, with no further change
+        await asyncio.sleep(0.6)  # a's follow-up publish carries it, with no further change
         b.poll(NOW + 2)
         assert got[-1] == {"r1": pytest.approx((0.2, 0.0))}
 
@@ -205,6 +204,36 @@ async def test_publishes_are_deferred_and_coalesced(tmp_path: Path) -> None:
         a.changed()
         await asyncio.sleep(0.12)
         assert n == 2
+
+
+async def test_a_change_soon_after_a_publish_waits_for_the_next_change_not_a_timer(
+    tmp_path: Path,
+) -> None:
+    """A request's end, within the interval of its start's publish, must not wake an idle worker
+    one interval on: it goes out with the next change, or FLUSH_AFTER intervals on."""
+    n = 0
+
+    def source() -> dict[str, InFlight]:
+        nonlocal n
+        n += 1
+        return {"r1": InFlight(n)}
+
+    a = PeerAccounts(tmp_path, 0, source, interval_s=0.05, loop=asyncio.get_running_loop())
+    with closing(a):
+        a.changed()  # a request starts: published just after this step
+        await asyncio.sleep(0)
+        assert n == 1
+        a.changed()  # it ends at once: not yet
+        await asyncio.sleep(0.08)  # past the interval, short of FLUSH_AFTER intervals
+        assert n == 1
+        a.changed()  # the next request: both go out now
+        await asyncio.sleep(0)
+        assert n == 2
+        a.changed()
+        await asyncio.sleep(FLUSH_AFTER * 0.05 + 0.05)  # no further change: the flush
+        assert n == 3
+        await asyncio.sleep(0.2)
+        assert n == 3  # nothing changed since: nothing published
 
 
 @pytest.mark.parametrize("bad", [-0.1, 2])

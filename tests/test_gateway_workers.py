@@ -238,3 +238,45 @@ async def test_a_second_worker_avoids_the_replica_the_first_keeps_busy(tmp_path:
         await proc.wait()
         for s in servers:
             await s.close()
+
+
+def test_a_worker_tells_prometheus_its_pid_once_and_its_samples_still_add_up(
+    tmp_path: Path,
+) -> None:
+    """gateway.metrics.pin_worker_pid: the worker's samples land in its own files (named by its
+    pid, as prometheus-client's multiprocess collector expects) and add up across workers."""
+    import os
+    import subprocess
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    # os.getpid counted from before prometheus-client binds it (its default process id)
+    code = (
+        "import os\n"
+        "real, asked = os.getpid, []\n"
+        "os.getpid = lambda: asked.append(1) or real()\n"
+        "from gateway import metrics\n"
+        "metrics.pin_worker_pid()\n"
+        "c = metrics.child(metrics.SHED, 'p', 'queue_full')\n"
+        "del asked[:]\n"
+        "c.inc(); c.inc()\n"
+        "metrics.child(metrics.E2E, 'p', 'm').observe(0.02)\n"
+        "print(real(), len(asked))\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": "."}
+    pids = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+        ).stdout.split()
+        assert out[1] == "0"  # no os.getpid() per sample
+        pids.append(out[0])
+    assert {f.name for f in tmp_path.iterdir()} == {
+        f"{kind}_{pid}.db" for kind in ("counter", "histogram") for pid in pids
+    }
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    labels = {"pool": "p", "reason": "queue_full"}
+    assert registry.get_sample_value("kvpilot_gateway_shed_total", labels) == 4
+    e2e = {"pool": "p", "model": "m", "le": "0.025"}
+    assert registry.get_sample_value("kvpilot_gateway_e2e_seconds_bucket", e2e) == 2
