@@ -118,7 +118,13 @@ async def _stack(
             return
         from controller.actuators import GkeNodes, KubeActuator, PlaceholderNodes
         from controller.gke import GkeNodePools
-        from controller.kube import KubeScaler, LeaderElector, Placeholders, load_api_client
+        from controller.kube import (
+            KubeScaler,
+            LeaderElector,
+            Placeholders,
+            StateConfigMap,
+            load_api_client,
+        )
 
         api = await load_api_client()
         closers.append(api.close)
@@ -173,6 +179,11 @@ async def _stack(
                 lease_left=lease_left,
                 accelerator_for=planned_accelerator,
                 demand=demand,
+                store=(
+                    StateConfigMap(api, c.lease_namespace, c.state_configmap)
+                    if c.state_configmap
+                    else None
+                ),
             ),
             closers,
         )

@@ -1,4 +1,5 @@
-"""The Kubernetes edge: /scale subresources, placeholder pods, Events and the leader Lease.
+"""The Kubernetes edge: /scale subresources, placeholder pods, Events, the leader Lease and
+the leader's saved state (a ConfigMap).
 
 Everything here is I/O through kubernetes-asyncio; the decisions come from replicas.py and
 nodepools.py. Every API call retries 5xx, 429 and timeouts with exponential backoff; a scale write
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import time
 import uuid
@@ -326,6 +328,74 @@ class Placeholders:
                 )
                 created += 1
         return created, deleted
+
+
+@dataclass
+class StateConfigMap:
+    """The leader's learned state (each pool's daily profile) in one ConfigMap, under
+    `profiles.json`: read at the start of each term, written every few minutes while leading
+    (controller/loop.py `StateStore`). One writer at a time (the leader); a write replaces the
+    whole ConfigMap, created on first use."""
+
+    api: client.ApiClient
+    namespace: str
+    name: str
+    retry: Retry = field(default_factory=Retry)
+    KEY = "profiles.json"
+
+    async def load(self) -> dict[str, dict]:
+        core = client.CoreV1Api(self.api)
+        try:
+            cm = await call(
+                "read_state",
+                lambda: core.read_namespaced_config_map(
+                    self.name, self.namespace, _request_timeout=self.retry.timeout_s
+                ),
+                self.retry,
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return {}  # nothing saved yet
+            raise
+        raw = (cm.data or {}).get(self.KEY)
+        if not raw:
+            return {}
+        doc = json.loads(raw)
+        pools = doc.get("pools") if isinstance(doc, dict) else None
+        if not isinstance(pools, dict):
+            raise ValueError(f"configmap {self.namespace}/{self.name}: no pools in {self.KEY}")
+        return {k: v for k, v in pools.items() if isinstance(v, dict)}
+
+    async def save(self, profiles: dict[str, dict]) -> None:
+        core = client.CoreV1Api(self.api)
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/component": COMPONENT},
+            },
+            "data": {self.KEY: json.dumps({"version": 1, "pools": profiles})},
+        }
+        try:
+            await call(
+                "write_state",
+                lambda: core.replace_namespaced_config_map(
+                    self.name, self.namespace, body, _request_timeout=self.retry.timeout_s
+                ),
+                self.retry,
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            await call(
+                "write_state",
+                lambda: core.create_namespaced_config_map(
+                    self.namespace, body, _request_timeout=self.retry.timeout_s
+                ),
+                self.retry,
+            )
 
 
 def _micro_time(t: float) -> str:

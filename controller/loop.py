@@ -32,6 +32,10 @@ from kvpilot.signals import ReplicaState
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# How often the leader saves the pools' daily profiles (a bin of a day is 15 min: a new leader
+# loses at most part of one).
+SAVE_EVERY_S = 300.0
+
 DESIRED = Gauge("kvpilot_controller_desired_replicas", "Replicas the controller wants.", ["pool"])
 CURRENT = Gauge("kvpilot_controller_current_replicas", "The workload's spec.replicas.", ["pool"])
 SATURATION = Gauge(
@@ -103,6 +107,15 @@ class Actuator(Protocol):
         ...
 
 
+class StateStore(Protocol):
+    """Where the leader keeps what took long to learn (each pool's daily profile), so that the
+    next leader (a rollout, a failover) goes on from it: a ConfigMap (controller/kube.py)."""
+
+    async def load(self) -> dict[str, dict]: ...
+
+    async def save(self, profiles: dict[str, dict]) -> None: ...
+
+
 class NodeActuator(Protocol):
     async def apply(self, plans: dict, targets: Sequence[PoolTarget]) -> None: ...
 
@@ -142,8 +155,13 @@ class Controller:
         clock: Callable[[], float] = time.time,
         accelerator_for: Callable[[PoolTarget], str] | None = None,
         demand: Callable[[], Awaitable[dict[str, PoolDemand]]] | None = None,
+        store: StateStore | None = None,
+        save_every_s: float = SAVE_EVERY_S,
     ) -> None:
         self.actuator = actuator
+        self.store = store
+        self.save_every_s = save_every_s
+        self._saved_at: float | None = None  # clock() of the last save this term
         self.states = states
         self.demand = demand  # the gateways' held requests and request rate (controller/demand.py)
         self.nodes = nodes
@@ -188,14 +206,16 @@ class Controller:
             if self._led:
                 self._step_down()
             return {}
-        if not self._led and self.leader is not None:
-            # A new term: what this controller learned while it last led (its window, its
-            # idle clock) is stale; start as a fresh one, which waits out the window.
-            self.autoscalers = {t.name: ReplicaAutoscaler(t.scaling) for t in self.targets}
-            self._node_demands.clear()
-            reset = getattr(self.nodes, "reset", None)
-            if reset is not None:
-                reset()
+        if not self._led:
+            if self.leader is not None:
+                # A new term: what this controller learned while it last led (its window, its
+                # idle clock) is stale; start as a fresh one, which waits out the window.
+                self.autoscalers = {t.name: ReplicaAutoscaler(t.scaling) for t in self.targets}
+                self._node_demands.clear()
+                reset = getattr(self.nodes, "reset", None)
+                if reset is not None:
+                    reset()
+            await self._restore()
         self._led = True
         # One tick on one config: a reload during an await here must not mix old and new.
         tick_targets, autoscalers = self.targets, self.autoscalers
@@ -236,7 +256,53 @@ class Controller:
         self.last = decisions
         if self.nodes is not None and await self._leading():
             await self._nodes(decisions)
+        await self._save(now)
         return decisions
+
+    async def _restore(self) -> None:
+        """At the start of a term: each pool's daily profile as the last leader saved it. A
+        failed read or a profile of other settings is logged, and the pool learns anew."""
+        self._saved_at = None
+        if self.store is None:
+            return
+        try:
+            saved = await self.store.load()
+        except Exception as e:
+            ERRORS.labels("*", "state_load").inc()
+            log.error("cannot read the saved daily profiles, learning them anew: %s", e)
+            return
+        for name, state in saved.items():
+            a = self.autoscalers.get(name)
+            if a is None:
+                continue  # a pool no longer in the config
+            try:
+                a.restore_season(state)
+            except ValueError as e:
+                log.warning("pool %s: saved daily profile not used (%s)", name, e)
+            else:
+                log.info("pool %s: daily profile restored", name)
+
+    async def _save(self, now: float) -> None:
+        """Every `save_every_s` while leading, the pools' daily profiles. Never in dry-run: a
+        dry-run controller beside a live one must not overwrite what the live one learned."""
+        if self.store is None or self.cfg.controller.dry_run:
+            return
+        if self._saved_at is not None and now - self._saved_at < self.save_every_s:
+            return
+        profiles = {}
+        for name, a in self.autoscalers.items():
+            st = a.season_state()
+            if st is not None:
+                profiles[name] = st
+        if not profiles or not await self._leading():
+            return
+        self._saved_at = now
+        try:
+            await self._bounded(self.store.save(profiles))
+        except Exception as e:
+            ERRORS.labels("*", "state_save").inc()
+            log.error("cannot save the daily profiles, will retry: %s", e)
+            self._saved_at = None
 
     async def _leading(self) -> bool:
         # Asked again before every write: a tick (API retries, GKE backoff) can outlast a lease.

@@ -20,6 +20,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.season import DailyProfile
 from kvpilot.config import PoolScalingConfig
@@ -223,6 +224,17 @@ class ReplicaAutoscaler:
         if new._season is not None and old is not None and old.period_s == new._season.period_s:
             new._season = old
         return new
+
+    def season_state(self) -> dict[str, Any] | None:
+        """The daily profile learned so far, as plain data (None: no profile kept)."""
+        return self._season.state() if self._season is not None else None
+
+    def restore_season(self, state: dict[str, Any]) -> None:
+        """Go on from a profile another controller learned (`season_state`); ValueError when it
+        is not one of this pool's period, and the profile stays as it was."""
+        if self._season is None:
+            raise ValueError("no daily profile kept (forecast off or season_s 0)")
+        self._season = DailyProfile.from_state(state, self.cfg.season_s)
 
     def observe(self, states: Sequence[ReplicaState], now: float) -> None:
         """Fold one set of replica states into the smoothed demand (no decision)."""

@@ -15,8 +15,9 @@ seen, the pool's demand at the same time of the last periods says where it is go
   followed, but not one burst.
 
 Pure: fed plain numbers and `now` (seconds on any clock that advances with real time; the live
-controller's wall clock puts bin 0 at 00:00 UTC). The profile lives in the leader's memory: a new
-leader learns it again.
+controller's wall clock puts bin 0 at 00:00 UTC). `state()` and `from_state()` carry it as plain
+JSON-able data: the controller keeps it in a ConfigMap, so a new leader (a rollout, a failover)
+goes on from it instead of learning a day again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
+from typing import Any
 
 # A bin's reference below this share of the profile's largest bin gives no level ratio.
 REF_FLOOR = 0.05
@@ -131,3 +133,56 @@ class DailyProfile:
         frac = x - i
         v = s[i % self.bins] * (1 - frac) + s[(i + 1) % self.bins] * frac
         return v * self.level()
+
+    # ---- carried across controllers (a ConfigMap, controller/kube.py) -------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything learned, as JSON-able data (the settings too, to check on the way back)."""
+        return {
+            "period_s": self.period_s,
+            "bins": self.bins,
+            "profile": list(self._profile),
+            "reference": self._reference,
+            "first": self._first,
+            "ref_period": self._ref_period,
+            "bin": self._bin,
+            "sum": self._sum,
+            "n": self._n,
+            "ratios": list(self._ratios),
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any], period_s: float) -> DailyProfile:
+        """A profile of `period_s` from `state()`; ValueError when it is not one, or one of
+        another period or bin count (a changed `season_s` starts over: its bins would mean other
+        times of day)."""
+        p = cls(period_s)
+        try:
+            if float(d["period_s"]) != p.period_s or int(d["bins"]) != p.bins:
+                raise ValueError(
+                    f"a profile of {d['period_s']} s in {d['bins']} bins, not "
+                    f"{p.period_s} s in {p.bins}"
+                )
+            profile = [_opt_float(v) for v in d["profile"]]
+            ref = d["reference"]
+            reference = None if ref is None else [_opt_float(v) for v in ref]
+            if len(profile) != p.bins or (reference is not None and len(reference) != p.bins):
+                raise ValueError("a profile with the wrong number of bins")
+            p._profile, p._reference = profile, reference
+            p._first = None if d["first"] is None else int(d["first"])
+            p._ref_period = int(d["ref_period"])
+            p._bin = None if d["bin"] is None else int(d["bin"])
+            p._sum, p._n = float(d["sum"]), int(d["n"])
+            p._ratios.extend(float(r) for r in d["ratios"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a daily profile: {e!r}") from None
+        return p
+
+
+def _opt_float(v: Any) -> float | None:
+    if v is None:
+        return None
+    x = float(v)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"a profile bin of {v!r}")
+    return x

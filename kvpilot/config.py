@@ -172,6 +172,9 @@ class ControllerConfig:
     lease_name: str = "kvpilot-controller"
     lease_namespace: str = "kvpilot"
     lease_duration_s: float = 15.0
+    # ConfigMap (in lease_namespace) where the leader saves each pool's daily profile, so the
+    # next leader goes on from it; "" keeps it in memory only (a new leader learns a day again).
+    state_configmap: str = "kvpilot-controller-state"
     gke_project: str = ""
     gke_location: str = ""
     gke_cluster: str = ""

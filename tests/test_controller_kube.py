@@ -27,6 +27,7 @@ from controller.kube import (
     Placeholders,
     Retry,
     SizeChanged,
+    StateConfigMap,
     api_client,
 )
 from controller.loop import WorkloadSize
@@ -531,6 +532,100 @@ async def test_loop_exports_the_demand_level_once_a_day_is_seen(cluster: Any) ->
         profile.update(100.0, float(t))
     await ctl.tick()
     assert gauge("kvpilot_controller_demand_level", pool="llama") == pytest.approx(1.0)
+
+
+CM = "v1/configmaps"
+
+
+def _learned_a_day(ctl: Any, now: float, level: float = 100.0) -> None:
+    profile = ctl.autoscalers["llama"]._season
+    assert profile is not None
+    for t in range(int(now) - 86400 - 900, int(now), 300):  # a whole day seen
+        profile.update(level, float(t))
+
+
+async def test_a_new_leader_goes_on_from_the_daily_profile_the_last_one_saved(
+    cluster: Any,
+) -> None:
+    """The leader saves each pool's daily profile in a ConfigMap (every save_every_s); the next
+    leader (a rollout, a failover) reads it at the start of its term: its forecast is the
+    profile's from its first tick, not after a day of learning."""
+    k8s, api = cluster
+    clock = [5000.0]
+    forecasting = {"llama": {"min_replicas": 1, "max_replicas": 10, "target_utilization": 1.0}}
+    cfg = loop_config(pools=forecasting)
+    store = StateConfigMap(api, "kvpilot", "kvpilot-controller-state", FAST)
+    leading = [True]
+
+    async def leader() -> bool:
+        return leading[0]
+
+    def controller() -> Controller:
+        return Controller(
+            cfg,
+            KubeActuator(KubeScaler(api, FAST)),
+            lambda: busy(2, clock[0]),
+            clock=lambda: clock[0],
+            leader=leader,
+            store=store,
+        )
+
+    first = controller()
+    await first.tick()  # nothing saved yet: learns anew, and saves what it has (no day yet)
+    assert k8s.objects[CM, "kvpilot", "kvpilot-controller-state"]["data"]["profiles.json"]
+    assert (await store.load())["llama"]["profile"][0] is None
+    _learned_a_day(first, clock[0])
+    clock[0] += 60
+    await first.tick()  # within save_every_s of the last save: not yet
+    assert (await store.load())["llama"]["profile"][0] is None
+    clock[0] += 300
+    await first.tick()
+    assert (await store.load())["llama"]["profile"][0] == pytest.approx(100.0)
+
+    second = controller()
+    await second.tick()
+    assert second.autoscalers["llama"]._season is not None
+    assert second.autoscalers["llama"]._season.ready
+    assert gauge("kvpilot_controller_demand_level", pool="llama") == pytest.approx(1.0)
+
+    # The first one loses the lease, and takes it back later: it reads the profile again (what
+    # the other leader learned meanwhile), not its own stale copy.
+    leading[0] = False
+    await first.tick()
+    assert first.autoscalers["llama"]._season.ready
+    leading[0] = True
+    _learned_a_day(second, clock[0], level=250.0)
+    clock[0] += 300
+    await second.tick()
+    await first.tick()
+    restored = first.autoscalers["llama"]._season
+    assert restored is not None and restored.state() == second.autoscalers["llama"]._season.state()
+
+
+async def test_a_saved_profile_that_does_not_fit_is_left_and_dry_run_saves_nothing(
+    cluster: Any,
+) -> None:
+    k8s, api = cluster
+    now = 5000.0
+    store = StateConfigMap(api, "kvpilot", "kvpilot-controller-state", FAST)
+    # Another day's length (season_s changed since it was saved), and a broken file: both left,
+    # the pool learns anew; nothing is written in dry-run.
+    for saved in ('{"version": 1, "pools": {"llama": {"period_s": 3600, "bins": 96}}}', "{]"):
+        k8s.objects[CM, "kvpilot", "kvpilot-controller-state"] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "kvpilot-controller-state", "namespace": "kvpilot"},
+            "data": {"profiles.json": saved},
+        }
+        forecasting = {"llama": {"min_replicas": 1, "max_replicas": 10}}
+        ctl = kube_controller(
+            api, now, cfg=loop_config(pools=forecasting, dry_run=True), store=store
+        )
+        await ctl.tick()
+        assert ctl.last["llama"].desired >= 1
+        assert not ctl.autoscalers["llama"]._season.ready
+        stored = k8s.objects[CM, "kvpilot", "kvpilot-controller-state"]["data"]
+        assert stored["profiles.json"] == saved  # not overwritten in dry-run
 
 
 async def test_loop_dry_run_only_decides(cluster: Any) -> None:

@@ -183,3 +183,52 @@ def test_a_pool_at_zero_still_learns_its_night() -> None:
         a.decide(PoolObservation(0), t)
         t += 15.0
     assert a._season.ready and a._season.forecast(DAY + 500.0) == 0.0
+
+
+def test_a_saved_profile_goes_on_exactly_where_it_stopped() -> None:
+    """state() through JSON and back: the same forecasts and level, and the same learning after."""
+    import json
+
+    p = DailyProfile(DAY)
+    feed(p, 0.0, 2 * DAY + 1234.0, lambda t: diurnal(t) * (1.3 if t > DAY else 1.0))
+    q = DailyProfile.from_state(json.loads(json.dumps(p.state())), DAY)
+    assert q.ready and q.level() == p.level() != 1.0
+    assert [q.forecast(2 * DAY + x) for x in range(0, 9600, 700)] == [
+        p.forecast(2 * DAY + x) for x in range(0, 9600, 700)
+    ]
+    # the bin being filled when it was saved is closed alike, and both learn on the same
+    feed(p, 2 * DAY + 1234.0, 3 * DAY, lambda t: 2 * diurnal(t))
+    feed(q, 2 * DAY + 1234.0, 3 * DAY, lambda t: 2 * diurnal(t))
+    assert q.state() == p.state()
+
+
+def test_a_saved_profile_of_another_period_or_a_broken_one_is_refused() -> None:
+    p = DailyProfile(DAY)
+    feed(p, 0.0, DAY + 30.0, diurnal)
+    st = p.state()
+    with pytest.raises(ValueError, match="9600"):
+        DailyProfile.from_state(st, 2 * DAY)  # season_s changed: its bins mean other times
+    with pytest.raises(ValueError, match="bin"):
+        DailyProfile.from_state({**st, "profile": [-1.0] * 96}, DAY)
+    with pytest.raises(ValueError, match="number of bins"):
+        DailyProfile.from_state({**st, "profile": st["profile"][:10]}, DAY)
+    with pytest.raises(ValueError, match="not a daily profile"):
+        DailyProfile.from_state({"period_s": DAY, "bins": 96}, DAY)
+
+
+def test_an_autoscaler_restores_a_profile_only_of_its_own_period() -> None:
+    cfg = PoolScalingConfig(season_s=DAY)
+    learned = ReplicaAutoscaler(cfg)
+    assert learned._season is not None
+    feed(learned._season, 0.0, DAY + 30.0, diurnal)
+    fresh = ReplicaAutoscaler(cfg)
+    fresh.restore_season(learned.season_state() or {})
+    assert fresh._season is not None and fresh._season.ready
+    other = ReplicaAutoscaler(dataclasses.replace(cfg, season_s=2 * DAY))
+    with pytest.raises(ValueError):
+        other.restore_season(learned.season_state() or {})
+    assert other._season is not None and not other._season.ready  # kept as it was
+    off = ReplicaAutoscaler(dataclasses.replace(cfg, season_s=0))
+    assert off.season_state() is None
+    with pytest.raises(ValueError, match="no daily profile"):
+        off.restore_season(learned.season_state() or {})
