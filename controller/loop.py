@@ -161,7 +161,8 @@ class Controller:
         self.actuator = actuator
         self.store = store
         self.save_every_s = save_every_s
-        self._saved_at: float | None = None  # clock() of the last save this term
+        self._saved_at: float | None = None  # clock() of the last save (or try) this term
+        self._restored = False  # the saved state was read this term (so it may be written)
         self.states = states
         self.demand = demand  # the gateways' held requests and request rate (controller/demand.py)
         self.nodes = nodes
@@ -215,7 +216,9 @@ class Controller:
                 reset = getattr(self.nodes, "reset", None)
                 if reset is not None:
                     reset()
-            await self._restore()
+            self._saved_at = None
+            if not await self._restore():
+                self._saved_at = self.clock()  # read again (and only then save) one interval on
         self._led = True
         # One tick on one config: a reload during an await here must not mix old and new.
         tick_targets, autoscalers = self.targets, self.autoscalers
@@ -259,28 +262,33 @@ class Controller:
         await self._save(now)
         return decisions
 
-    async def _restore(self) -> None:
-        """At the start of a term: each pool's daily profile as the last leader saved it. A
-        failed read or a profile of other settings is logged, and the pool learns anew."""
-        self._saved_at = None
+    async def _restore(self) -> bool:
+        """Each pool's daily profile as the last leader saved it; whether the saved state could
+        be read (nothing saved counts as read). A profile of other settings, or one that does
+        not parse, is logged and that pool learns anew. Until a read succeeds this term nothing
+        is saved (`_save` reads again first), so a failed read never overwrites a day of
+        learning with an empty profile."""
+        self._restored = False
         if self.store is None:
-            return
+            return True
         try:
-            saved = await self.store.load()
+            saved = await self._bounded(self.store.load())
         except Exception as e:
             ERRORS.labels("*", "state_load").inc()
-            log.error("cannot read the saved daily profiles, learning them anew: %s", e)
-            return
+            log.error("cannot read the saved daily profiles (will read again): %s", e)
+            return False
+        self._restored = True
         for name, state in saved.items():
             a = self.autoscalers.get(name)
             if a is None:
                 continue  # a pool no longer in the config
             try:
                 a.restore_season(state)
-            except ValueError as e:
+            except Exception as e:  # anything in the file: never a failed tick
                 log.warning("pool %s: saved daily profile not used (%s)", name, e)
             else:
                 log.info("pool %s: daily profile restored", name)
+        return True
 
     async def _save(self, now: float) -> None:
         """Every `save_every_s` while leading, the pools' daily profiles. Never in dry-run: a
@@ -289,20 +297,23 @@ class Controller:
             return
         if self._saved_at is not None and now - self._saved_at < self.save_every_s:
             return
+        if not await self._leading():
+            return
+        self._saved_at = now  # a failed read or write is tried again one interval on
+        if not self._restored and not await self._restore():
+            return
         profiles = {}
         for name, a in self.autoscalers.items():
             st = a.season_state()
             if st is not None:
                 profiles[name] = st
-        if not profiles or not await self._leading():
+        if not profiles:
             return
-        self._saved_at = now
         try:
             await self._bounded(self.store.save(profiles))
         except Exception as e:
             ERRORS.labels("*", "state_save").inc()
             log.error("cannot save the daily profiles, will retry: %s", e)
-            self._saved_at = None
 
     async def _leading(self) -> bool:
         # Asked again before every write: a tick (API retries, GKE backoff) can outlast a lease.

@@ -169,20 +169,29 @@ class DailyProfile:
             if len(profile) != p.bins or (reference is not None and len(reference) != p.bins):
                 raise ValueError("a profile with the wrong number of bins")
             p._profile, p._reference = profile, reference
-            p._first = None if d["first"] is None else int(d["first"])
-            p._ref_period = int(d["ref_period"])
-            p._bin = None if d["bin"] is None else int(d["bin"])
-            p._sum, p._n = float(d["sum"]), int(d["n"])
-            p._ratios.extend(float(r) for r in d["ratios"])
-        except (KeyError, TypeError) as e:
+            p._first = None if d["first"] is None else _int(d["first"])
+            p._ref_period = _int(d["ref_period"])
+            p._bin = None if d["bin"] is None else _int(d["bin"])
+            p._sum, p._n = _float(d["sum"]), _int(d["n"])
+            p._ratios.extend(_float(r) for r in d["ratios"])
+        except (KeyError, TypeError, OverflowError) as e:
             raise ValueError(f"not a daily profile: {e!r}") from None
         return p
 
 
-def _opt_float(v: Any) -> float | None:
-    if v is None:
-        return None
+def _float(v: Any) -> float:
+    """A finite number >= 0 (json.loads reads 1e400, Infinity and NaN too)."""
     x = float(v)
     if not math.isfinite(x) or x < 0:
-        raise ValueError(f"a profile bin of {v!r}")
+        raise ValueError(f"a value of {v!r} in a saved profile")
     return x
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else _float(v)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{v!r} where a saved profile has whole numbers")
+    return v

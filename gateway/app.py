@@ -135,6 +135,7 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
             await feeds.stop()
             await app[DISCOVERY].stop()
             await session.close()
+            gateway.loop = None
             if fleet.peers is not None:
                 fleet.peers.close()
                 fleet.peers = None

@@ -110,9 +110,14 @@ def pin_worker_pid() -> None:
     fork; a worker is exec'd by the supervisor and never forks, and each ask is a system call
     (~10 a request; costly under gVisor, where GKE Sandbox pods run). Call it before the first
     sample: values already made keep the default, and two kinds side by side would share a file."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        pid = os.getpid()
-        values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    pid = os.getpid()
+    if any(f.endswith(f"_{pid}.db") for f in os.listdir(directory)):
+        # A sample was made already: a second writer on the same file would corrupt it.
+        raise RuntimeError("pin_worker_pid() must run before the worker's first metric sample")
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid)
 
 
 def child(metric: MetricWrapperBase, *labels: str) -> Any:

@@ -60,8 +60,9 @@ RING_BYTES = 8 << 20
 # the picking policy learns from a pick, gateway/headroom.py) and the block hashes (u64 each)
 PREFIX = struct.Struct("<HHH")
 # A pick waits for the peers' files only when this worker's copy is older than this many
-# intervals; a younger copy is about as fresh as what the peers publish (each at most every
-# interval), so a busy worker reads them just after the pick instead.
+# intervals; a younger copy is about as fresh as what the peers publish (a busy peer about once
+# an interval, a quiet one within FLUSH_AFTER), so a busy worker reads them just after the pick
+# instead.
 SYNC_AFTER = 2
 # A change that comes within `interval_s` of the last publish goes out with the first change
 # after it, or this many intervals after that publish if no change comes (a worker gone quiet).
@@ -170,7 +171,11 @@ class PeerAccounts:
                 return
             self._flush.cancel()
         self._flush_at = at
-        self._flush = self.loop.call_later(max(0.0, at - time.monotonic()), self._publish_pending)
+        self._flush = self.loop.call_later(max(0.0, at - time.monotonic()), self._publish_flush)
+
+    def _publish_flush(self) -> None:
+        self._flush = None
+        self.publish()
 
     def _publish_pending(self) -> None:
         self._pending = None

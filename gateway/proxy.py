@@ -28,7 +28,7 @@ import dataclasses
 import hmac
 import itertools
 import logging
-import random
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -112,6 +112,23 @@ class _SentBody(BytesPayload):
         self.sent = True
 
 
+class RequestIds:
+    """Random 128-bit request ids from the OS, read 256 at a time: os.urandom per request is a
+    system call each (costly under gVisor), and Python's own generator is predictable from its
+    output (a client could guess, and reuse, another user's next id)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._buf):
+            self._buf, self._at = os.urandom(4096), 0
+        at = self._at
+        self._at = at + 16
+        return self._buf[at : at + 16].hex()
+
+
 class RetryBudget:
     """Retries may add at most `ratio` of the request rate plus `min_per_s` (Finagle/Envoy style),
     so a sick fleet is not buried under a retry storm."""
@@ -169,6 +186,7 @@ class Gateway:
         self.cfg = cfg
         self.gw: GatewayConfig = cfg.gateway
         self._seq = itertools.count()
+        self._ids = RequestIds()
         self.sharing = False  # other gateway workers read what this one routes (gateway/peers.py)
         # Shutdown: the handler tasks of the requests being handled (their requests), and, once
         # the shutdown began, set whenever none is left.
@@ -361,9 +379,7 @@ class Gateway:
             # in-flight account needs a key of its own per request.
             key = f"{rid}#{next(self._seq)}"
         else:
-            # Python's generator, seeded per process from the OS: unique enough for a request id,
-            # and no system call a request (os.urandom is one: costly under gVisor).
-            rid = key = f"{random.getrandbits(128):032x}"
+            rid = key = self._ids.next()
         pool_name = model = ""
         try:
             self.check_auth(request)

@@ -628,6 +628,63 @@ async def test_a_saved_profile_that_does_not_fit_is_left_and_dry_run_saves_nothi
         assert stored["profiles.json"] == saved  # not overwritten in dry-run
 
 
+async def test_a_failed_read_of_the_saved_profile_never_overwrites_it(cluster: Any) -> None:
+    """A new leader that cannot read the saved state (a slow API server in a failover) must not
+    save its own empty profile over the last leader's day: it reads again first, later."""
+    k8s, api = cluster
+    clock = [5000.0]
+    forecasting = {"llama": {"min_replicas": 1, "max_replicas": 10, "target_utilization": 1.0}}
+    store = StateConfigMap(api, "kvpilot", "kvpilot-controller-state", FAST)
+    first = kube_controller(api, clock[0], cfg=loop_config(pools=forecasting), store=store)
+    _learned_a_day(first, clock[0])
+    await first.tick()
+    saved = k8s.objects[CM, "kvpilot", "kvpilot-controller-state"]["data"]["profiles.json"]
+
+    def reads(r: Any) -> bool:
+        return r.resource is not None and r.resource.plural == "configmaps" and r.method == "GET"
+
+    k8s.fail(reads, 500, times=4)  # every retry of the first read
+    second = Controller(
+        loop_config(pools=forecasting),
+        KubeActuator(KubeScaler(api, FAST)),
+        lambda: busy(2, clock[0]),
+        clock=lambda: clock[0],
+        store=store,
+    )
+    await second.tick()
+    assert second.last["llama"].desired >= 1  # the tick went on
+    assert not second.autoscalers["llama"]._season.ready
+    assert k8s.objects[CM, "kvpilot", "kvpilot-controller-state"]["data"]["profiles.json"] == saved
+    clock[0] += 300  # one interval on: read again (now it works), restore, and only then save
+    await second.tick()
+    assert second.autoscalers["llama"]._season.ready
+    assert (await store.load())["llama"]["profile"][0] == pytest.approx(100.0)
+
+
+async def test_a_saved_profile_with_numbers_json_allows_but_floats_refuse_is_left(
+    cluster: Any,
+) -> None:
+    k8s, api = cluster
+    store = StateConfigMap(api, "kvpilot", "kvpilot-controller-state", FAST)
+    forecasting = {"llama": {"min_replicas": 1, "max_replicas": 10}}
+    first = kube_controller(api, 5000.0, cfg=loop_config(pools=forecasting), store=store)
+    _learned_a_day(first, 5000.0)
+    await first.tick()
+    cm = k8s.objects[CM, "kvpilot", "kvpilot-controller-state"]
+    cm.patch(
+        {
+            "data": {
+                "profiles.json": cm["data"]["profiles.json"].replace('"n": ', '"n": 1e400, "x": ')
+            }
+        }
+    )
+    second = kube_controller(api, 5000.0, cfg=loop_config(pools=forecasting), store=store)
+    for _ in range(2):  # every tick decides: the bad profile is left once, not retried forever
+        await second.tick()
+        assert second.last["llama"].desired >= 1
+    assert not second.autoscalers["llama"]._season.ready
+
+
 async def test_loop_dry_run_only_decides(cluster: Any) -> None:
     k8s, api = cluster
     now = 5000.0

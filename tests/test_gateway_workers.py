@@ -280,3 +280,18 @@ def test_a_worker_tells_prometheus_its_pid_once_and_its_samples_still_add_up(
     assert registry.get_sample_value("kvpilot_gateway_shed_total", labels) == 4
     e2e = {"pool": "p", "model": "m", "le": "0.025"}
     assert registry.get_sample_value("kvpilot_gateway_e2e_seconds_bucket", e2e) == 2
+
+
+def test_pinning_the_pid_after_a_sample_is_refused(tmp_path: Path) -> None:
+    """A sample made before the pin has its file: a second writer on it would corrupt it."""
+    import os
+    import subprocess
+
+    code = (
+        "from gateway import metrics\n"
+        "metrics.child(metrics.SHED, 'p', 'queue_full').inc()\n"
+        "metrics.pin_worker_pid()\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": "."}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "before the worker's first metric sample" in run.stderr

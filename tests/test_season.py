@@ -208,8 +208,12 @@ def test_a_saved_profile_of_another_period_or_a_broken_one_is_refused() -> None:
     st = p.state()
     with pytest.raises(ValueError, match="9600"):
         DailyProfile.from_state(st, 2 * DAY)  # season_s changed: its bins mean other times
-    with pytest.raises(ValueError, match="bin"):
+    with pytest.raises(ValueError, match="a value of"):
         DailyProfile.from_state({**st, "profile": [-1.0] * 96}, DAY)
+    # what json.loads reads besides plain numbers: never an OverflowError or a NaN level
+    for bad in ({"sum": float("nan")}, {"ratios": [float("inf")]}, {"n": 1e400}, {"bin": True}):
+        with pytest.raises(ValueError):
+            DailyProfile.from_state({**st, **bad}, DAY)
     with pytest.raises(ValueError, match="number of bins"):
         DailyProfile.from_state({**st, "profile": st["profile"][:10]}, DAY)
     with pytest.raises(ValueError, match="not a daily profile"):
