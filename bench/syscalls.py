@@ -25,18 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy import LUA, PY, ROOT, free_port, gateway_config, started, wrk  # noqa: E402
-
-
-def tree(pid: int) -> list[int]:
-    """A process and its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").iterdir():
-            todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
+from proxy import LUA, PY, ROOT, free_port, gateway_config, started, tree, wrk  # noqa: E402
 
 
 def count(pid: int, url: str, lua: str, duration: int) -> tuple[int, dict[str, int]]:

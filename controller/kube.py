@@ -88,6 +88,17 @@ async def call(op: str, fn: Callable[[], Awaitable[T]], retry: Retry) -> T:
     raise AssertionError("unreachable")
 
 
+async def call_or_none(op: str, fn: Callable[[], Awaitable[T]], retry: Retry) -> T | None:
+    """`call`, with 404 (the object is not there) as None: read-or-create and replace-or-create
+    paths branch on it."""
+    try:
+        return await call(op, fn, retry)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        return None
+
+
 def _spec_replicas(scale: dict[str, Any]) -> int:
     return int(scale.get("spec", {}).get("replicas", 0) or 0)
 
@@ -345,18 +356,15 @@ class StateConfigMap:
 
     async def load(self) -> dict[str, dict]:
         core = client.CoreV1Api(self.api)
-        try:
-            cm = await call(
-                "read_state",
-                lambda: core.read_namespaced_config_map(
-                    self.name, self.namespace, _request_timeout=self.retry.timeout_s
-                ),
-                self.retry,
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return {}  # nothing saved yet
-            raise
+        cm = await call_or_none(
+            "read_state",
+            lambda: core.read_namespaced_config_map(
+                self.name, self.namespace, _request_timeout=self.retry.timeout_s
+            ),
+            self.retry,
+        )
+        if cm is None:
+            return {}  # nothing saved yet
         raw = (cm.data or {}).get(self.KEY)
         if not raw:
             return {}
@@ -378,17 +386,14 @@ class StateConfigMap:
             },
             "data": {self.KEY: json.dumps({"version": 1, "pools": profiles})},
         }
-        try:
-            await call(
-                "write_state",
-                lambda: core.replace_namespaced_config_map(
-                    self.name, self.namespace, body, _request_timeout=self.retry.timeout_s
-                ),
-                self.retry,
-            )
-        except ApiException as e:
-            if e.status != 404:
-                raise
+        replaced = await call_or_none(
+            "write_state",
+            lambda: core.replace_namespaced_config_map(
+                self.name, self.namespace, body, _request_timeout=self.retry.timeout_s
+            ),
+            self.retry,
+        )
+        if replaced is None:  # not there yet: the first save
             await call(
                 "write_state",
                 lambda: core.create_namespaced_config_map(
@@ -528,17 +533,14 @@ class LeaderElector:
     async def _try(self) -> bool:
         coord = client.CoordinationV1Api(self.api)
         now = self.clock()
-        try:
-            lease = await call(
-                "read_lease",
-                lambda: coord.read_namespaced_lease(
-                    self.name, self.namespace, _request_timeout=self.retry.timeout_s
-                ),
-                self.retry,
-            )
-        except ApiException as e:
-            if e.status != 404:
-                raise
+        lease = await call_or_none(
+            "read_lease",
+            lambda: coord.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=self.retry.timeout_s
+            ),
+            self.retry,
+        )
+        if lease is None:
             body = self._body(None, self._spec(now, now, 0))
             try:
                 await call(
@@ -549,8 +551,8 @@ class LeaderElector:
                     self.retry,
                 )
                 return True
-            except ApiException as e2:
-                if e2.status == 409:
+            except ApiException as e:
+                if e.status == 409:
                     return False  # someone else created it first
                 raise
         spec = lease.spec

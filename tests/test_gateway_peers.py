@@ -187,23 +187,28 @@ def test_a_peer_rewriting_the_same_totals_changes_nothing(tmp_path: Path) -> Non
         assert b.poll(NOW + 2) == {"r1"} and b.totals == {"r1": mine["r1"]}
 
 
-async def test_publishes_are_deferred_and_coalesced(tmp_path: Path) -> None:
-    n = 0
+def counted_publisher(tmp_path: Path) -> tuple[PeerAccounts, list[int]]:
+    """Worker 0 on the running loop (interval 0.05 s); each publish appends to the list."""
+    published: list[int] = []
 
     def source() -> dict[str, InFlight]:
-        nonlocal n
-        n += 1
-        return {"r1": InFlight(n)}
+        published.append(1)
+        return {"r1": InFlight(len(published))}
 
-    a = PeerAccounts(tmp_path, 0, source, interval_s=0.05, loop=asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    return PeerAccounts(tmp_path, 0, source, interval_s=0.05, loop=loop), published
+
+
+async def test_publishes_are_deferred_and_coalesced(tmp_path: Path) -> None:
+    a, published = counted_publisher(tmp_path)
     with closing(a):
         for _ in range(10):
             a.changed()
         await asyncio.sleep(0.12)
-        assert n == 1  # ten changes within one interval: one publish
+        assert len(published) == 1  # ten changes within one interval: one publish
         a.changed()
         await asyncio.sleep(0.12)
-        assert n == 2
+        assert len(published) == 2
 
 
 async def test_a_change_soon_after_a_publish_waits_for_the_next_change_not_a_timer(
@@ -211,29 +216,22 @@ async def test_a_change_soon_after_a_publish_waits_for_the_next_change_not_a_tim
 ) -> None:
     """A request's end, within the interval of its start's publish, must not wake an idle worker
     one interval on: it goes out with the next change, or FLUSH_AFTER intervals on."""
-    n = 0
-
-    def source() -> dict[str, InFlight]:
-        nonlocal n
-        n += 1
-        return {"r1": InFlight(n)}
-
-    a = PeerAccounts(tmp_path, 0, source, interval_s=0.05, loop=asyncio.get_running_loop())
+    a, published = counted_publisher(tmp_path)
     with closing(a):
         a.changed()  # a request starts: published just after this step
         await asyncio.sleep(0)
-        assert n == 1
+        assert len(published) == 1
         a.changed()  # it ends at once: not yet
         await asyncio.sleep(0.08)  # past the interval, short of FLUSH_AFTER intervals
-        assert n == 1
+        assert len(published) == 1
         a.changed()  # the next request: both go out now
         await asyncio.sleep(0)
-        assert n == 2
+        assert len(published) == 2
         a.changed()
         await asyncio.sleep(FLUSH_AFTER * 0.05 + 0.05)  # no further change: the flush
-        assert n == 3
+        assert len(published) == 3
         await asyncio.sleep(0.2)
-        assert n == 3  # nothing changed since: nothing published
+        assert len(published) == 3  # nothing changed since: nothing published
 
 
 @pytest.mark.parametrize("bad", [-0.1, 2])
