@@ -11,7 +11,12 @@ from kubernetes_asyncio import client
 from controller.gke import GkeNodePools
 from controller.kube import KubeScaler, Placeholders, SizeChanged, read_gpu_inventory
 from controller.loop import PoolTarget, WorkloadSize
-from controller.nodepools import AcceleratorInventory, AcceleratorPlan, node_pool_sizes
+from controller.nodepools import (
+    AcceleratorInventory,
+    AcceleratorPlan,
+    node_pool_sizes,
+    warm_gpus,
+)
 from controller.replicas import Decision
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,11 @@ class PlaceholderNodes:
     async def inventory(self) -> dict[str, AcceleratorInventory]:
         """GPU nodes and Pending GPU pods, read with the placeholders' API client."""
         return await read_gpu_inventory(self.placeholders.api, self.placeholders.retry)
+
+    async def warm(self) -> dict[str, int]:
+        """GPUs per pool its placeholders hold on nodes that are up (controller/nodepools.py
+        `warm_gpus`): replicas that start without a new node."""
+        return warm_gpus(await self.placeholders.list())
 
     async def apply(self, plans: dict[str, AcceleratorPlan], targets: Sequence[PoolTarget]) -> None:
         wanted = [

@@ -120,8 +120,9 @@ class NodeActuator(Protocol):
     async def apply(self, plans: dict, targets: Sequence[PoolTarget]) -> None: ...
 
     # Optional: `async def inventory() -> dict[str, AcceleratorInventory] | None`, the cluster's
-    # GPU nodes and Pending GPU pods (see _nodes_inventory); `def reset()`, forget what it
-    # cached of the cluster (a new leadership term).
+    # GPU nodes and Pending GPU pods (see _nodes_inventory); `async def warm() -> dict[str,
+    # int]`, GPUs per pool its placeholders hold on nodes that are up (see _warm_gpus); `def
+    # reset()`, forget what it cached of the cluster (a new leadership term).
 
 
 def planned_accelerator(t: PoolTarget) -> str:
@@ -233,6 +234,7 @@ class Controller:
             except Exception as e:  # decide on the agents' states alone
                 ERRORS.labels("*", "demand").inc()
                 log.error("cannot read the gateways' demand: %s", e)
+        warm = await self._warm_gpus()
         decisions: dict[str, Decision] = {}
         for t in tick_targets:
             try:
@@ -249,6 +251,7 @@ class Controller:
                     pd.held,
                     pd.arrival_rate_rps,
                     pending_replicas=size.pending,
+                    spare_replicas=warm.get(t.name, 0) // max(1, t.pool.gpus_per_replica),
                 ),
                 now,
             )
@@ -444,6 +447,20 @@ class Controller:
             ERRORS.labels("*", "inventory").inc()
             log.error("cannot read GPU nodes and Pending pods, planning without them: %s", e)
             return None
+
+    async def _warm_gpus(self) -> dict[str, int]:
+        """GPUs per pool that placeholders hold on nodes that are up, from the node actuator
+        when it keeps placeholders (not in local mode). A failed read is counted and the tick
+        decides as if there were none: a spike then waits for its hold, never over-orders."""
+        read = getattr(self.nodes, "warm", None)
+        if read is None or self.cfg.controller.mode == "local":
+            return {}
+        try:
+            return await read()
+        except Exception as e:
+            ERRORS.labels("*", "warm").inc()
+            log.error("cannot read the placeholders, deciding without them: %s", e)
+            return {}
 
     @staticmethod
     def _unexport(pool: str) -> None:

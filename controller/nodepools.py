@@ -277,3 +277,18 @@ def placeholder_pod(
             ],
         },
     }
+
+
+def warm_gpus(placeholders: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """GPUs per pool that its placeholder pods hold on a node (bound and Running): what a new
+    replica of that pool takes at once, preempting one, without waiting for a node."""
+    out: dict[str, int] = {}
+    for p in placeholders:
+        spec, status = p.get("spec") or {}, p.get("status") or {}
+        if not spec.get("nodeName") or status.get("phase") != "Running":
+            continue
+        labels = (p.get("metadata") or {}).get("labels") or {}
+        pool = labels.get("kvpilot.io/pool", "")
+        if pool:
+            out[pool] = out.get(pool, 0) + _quantity(labels.get("kvpilot.io/gpus", "1"))
+    return out

@@ -45,6 +45,10 @@ class PoolObservation:
     # when scaling down and counted idle when scaling up (not "missing" like a pod that runs
     # without metrics, which is assumed at target when scaling down).
     pending_replicas: int = 0
+    # Replicas that can start without a new node: GPUs the pool's placeholder pods hold on
+    # nodes that are up (a replica preempts one at once). What a spike may take before it has
+    # lasted `spike_hold_s`.
+    spare_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,7 @@ class ReplicaAutoscaler:
     _demand: Holt | None = None  # level and trend of the smoothed tokens/s
     _season: DailyProfile | None = None  # the smoothed tokens/s by time of day
     _by_profile: bool = False  # the last forecast was the daily profile's (not the trend's)
+    _spike_since: float | None = None  # since when the need runs above the daily profile's
     _covered_since: float | None = None  # since when the placed replicas alone cover the need
     _capacity: float | None = None  # tokens/s one replica serves at saturation 1, learned
     _observed_at: float | None = None
@@ -307,6 +312,11 @@ class ReplicaAutoscaler:
         if raw > current and cfg.scale_up_margin > 0:
             # Step past the need, so the next step up comes later: fewer, larger actions.
             raw = math.ceil(raw * (1 + cfg.scale_up_margin))
+        cap = self._spike_cap(reactive, current, obs.spare_replicas, now)
+        if cap is not None and raw > cap:
+            raw = cap
+            forecast = min(forecast, cap) if forecast is not None else None
+            reason += f"; above the daily profile: {cap} without new nodes for now"
         to_zero = False
         if cfg.scale_to_zero and cfg.min_replicas == 0 and not busy:
             idle_for = now - (self._busy_at or now)
@@ -403,6 +413,44 @@ class ReplicaAutoscaler:
         if desired != current:
             self._asked = (now, current, desired)
         return Decision(desired, current, reason)
+
+    def _spike_cap(self, reactive: int, current: int, spare: int, now: float) -> int | None:
+        """The most replicas a scale-up may ask for while the need runs above what the daily
+        profile expects (None: no cap). New GPU nodes take the lead time to serve, and a spike
+        shorter than that (a burst of minutes) is over before they do: each then bills its
+        provisioning and Cluster Autoscaler's 10 minutes once empty, for nothing (about a sixth
+        of the simulated day's bill). Until the rise has lasted `spike_hold_s` it gets what can
+        start at once, the spare replicas (placeholders already on nodes), and never less than
+        the profile itself asks for; the forecast's own share of the rise (the demand level
+        now, which lags a burst by its smoothing) is capped the same way. A rise that lasts
+        is a level, not a spike, and is ordered in full. On the trend alone (no day seen yet)
+        a spike cannot be told from a ramp: no cap."""
+        cfg = self.cfg
+        expected = self._profile_replicas(now)
+        if cfg.spike_hold_s <= 0 or expected is None:
+            self._spike_since = None
+            return None
+        margin = 1 + cfg.scale_up_margin
+        cap = max(current + max(0, spare), math.ceil(expected * margin))
+        if math.ceil(reactive * margin) > cap:
+            if self._spike_since is None:
+                self._spike_since = now
+        else:
+            self._spike_since = None
+        if self._spike_since is not None and now - self._spike_since >= cfg.spike_hold_s:
+            return None
+        return cap
+
+    def _profile_replicas(self, now: float) -> int | None:
+        """Replicas the daily profile asks for now or at the lead time, whichever is more
+        (None: no day seen yet, or no capacity learned)."""
+        if self._season is None or not self._capacity:
+            return None
+        at = (self._season.forecast(now), self._season.forecast(now + self.cfg.lead_time_s))
+        if at[0] is None or at[1] is None:
+            return None
+        per_replica = self._capacity * self.cfg.target_utilization
+        return math.ceil(max(at[0], at[1]) / per_replica - self.cfg.tolerance)
 
     def _rising(self) -> bool | None:
         """Whether the demand trend is up (None: no trend learned yet)."""

@@ -138,6 +138,9 @@ class PoolScalingConfig:
     stale_after_s: float = 30.0  # older replica states count as missing metrics
     forecast: bool = True
     lead_time_s: float = 720.0  # node provisioning + replica start-up the forecast looks ahead
+    # A rise above what the daily profile expects gets no new GPU nodes until it has lasted this
+    # long (only warm capacity: placeholders already on nodes); 0 = scale up at once, as the HPA.
+    spike_hold_s: float = 720.0
     demand_window_s: float = 60.0  # time constant of the pool's smoothed tokens/s and saturation
     trend_alpha: float = 0.3  # Holt level smoothing, per decision
     trend_beta: float = 0.1  # Holt trend smoothing, per decision
@@ -444,7 +447,13 @@ def check_scaling(s: PoolScalingConfig, key: str) -> None:
     for k in ("demand_window_s", "trend_damping_s"):
         if getattr(s, k) <= 0:
             raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be > 0 seconds")
-    for k in ("scale_up_margin", "lead_time_s", "capacity_tokens_per_s", "season_s"):
+    for k in (
+        "scale_up_margin",
+        "lead_time_s",
+        "spike_hold_s",
+        "capacity_tokens_per_s",
+        "season_s",
+    ):
         if getattr(s, k) < 0:
             raise ConfigError(f"{key}.{k}: {getattr(s, k)} must be >= 0")
 

@@ -75,6 +75,7 @@ class FleetObservation:
     pending: int = 0  # waiting for a GPU node
     states: tuple[ReplicaState, ...] = ()  # the agents' latest states (kvpilot's input)
     arrival_rate_rps: float | None = None  # as the gateway counts it
+    spare: int = 0  # placeholder pods on nodes that are up (a replica takes one at once)
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,7 @@ class Kvpilot:
                 states=obs.states,
                 arrival_rate_rps=obs.arrival_rate_rps,
                 pending_replicas=obs.pending,
+                spare_replicas=obs.spare,
             ),
             now,
         )

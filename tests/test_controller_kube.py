@@ -962,6 +962,45 @@ async def test_loop_placeholders_for_headroom(cluster: Any) -> None:
     assert gauge("kvpilot_controller_placeholder_gpus", accelerator="nvidia-l4") == 2
 
 
+async def test_a_spike_above_the_profile_takes_the_placeholders_already_on_nodes(
+    cluster: Any,
+) -> None:
+    """Three times the demand the daily profile expects: the loop reads which of the pool's
+    placeholders are Running on a node, and scales onto those at once; no replica that would
+    need a new node until the spike has lasted spike_hold_s."""
+    k8s, api = cluster
+    now = 5000.0
+    pools = {
+        "llama": {
+            "min_replicas": 1,
+            "max_replicas": 10,
+            "target_utilization": 1.0,
+            "scale_up_margin": 0.0,
+            "capacity_tokens_per_s": 100.0,
+        }
+    }
+    ph = Placeholders(api, "kvpilot-placeholders", retry=FAST)
+    await ph.reconcile([("llama", "nvidia-l4", 1, "")] * 3)
+    # Two are on nodes; the third still waits for one.
+    for name in sorted(p["metadata"]["name"] for p in await ph.list())[:2]:
+        key = ("v1/pods", "kvpilot-placeholders", name)
+        pod = dict(k8s.objects[key].raw)
+        pod["spec"] = {**pod["spec"], "nodeName": f"gke-l4-{name[-4:]}"}
+        pod["status"] = {"phase": "Running"}
+        k8s.objects[key] = pod
+    ctl = kube_controller(
+        api,
+        now,
+        cfg=loop_config(pools=pools, node_actuator="placeholders"),
+        states=lambda: busy(2, now, waiting=12),  # saturation 3: 6 replicas' worth
+        nodes=PlaceholderNodes(ph),
+    )
+    _learned_a_day(ctl, now, level=200.0)  # the profile expects 2 replicas' worth
+    d = (await ctl.tick())["llama"]
+    assert d.desired == 4 and "above the daily profile" in d.reason
+    assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 4
+
+
 # --- scale from zero: the gateway holds a request, the controller reads it from the gateway ----
 
 from controller.demand import GatewayDemand, PoolDemand  # noqa: E402

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from controller.gke import TOKEN_PATH, GkeError, GkeNodePools
 from controller.nodepools import (
+    PLACEHOLDER_LABELS,
     AcceleratorInventory,
     PoolGpuDemand,
     accelerator_label,
@@ -18,6 +19,7 @@ from controller.nodepools import (
     node_pool_sizes,
     placeholder_pod,
     plan_accelerators,
+    warm_gpus,
 )
 
 
@@ -425,3 +427,22 @@ async def test_gke_nodes_refuse_a_node_pool_without_gpus(gke: Any) -> None:
         await client.shape("cpu-pool")
     with pytest.raises(GkeError, match="HTTP 404"):
         await client.shape("missing-pool")
+
+
+def test_warm_gpus_are_the_placeholders_running_on_a_node() -> None:
+    def pod(pool: str, gpus: int, node: str, phase: str) -> dict[str, Any]:
+        labels = {**PLACEHOLDER_LABELS, "kvpilot.io/pool": pool, "kvpilot.io/gpus": str(gpus)}
+        return {
+            "metadata": {"labels": labels},
+            "spec": {"nodeName": node} if node else {},
+            "status": {"phase": phase},
+        }
+
+    pods = [
+        pod("llama", 1, "n1", "Running"),
+        pod("llama", 1, "n2", "Running"),
+        pod("llama", 1, "", "Pending"),  # waits for a node
+        pod("llama", 1, "n3", "Pending"),  # bound, still starting
+        pod("big", 8, "n4", "Running"),
+    ]
+    assert warm_gpus(pods) == {"llama": 2, "big": 8}

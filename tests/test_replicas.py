@@ -19,7 +19,8 @@ from controller.replicas import (
 from kvpilot.config import PoolScalingConfig
 from kvpilot.signals import ReplicaState
 
-# The plain HPA: no utilization headroom, no step margin, no scale-down hysteresis, no forecast.
+# The plain HPA: no utilization headroom, no step margin, no scale-down hysteresis, no forecast,
+# every scale-up at once.
 CFG = PoolScalingConfig(
     min_replicas=1,
     max_replicas=50,
@@ -30,6 +31,7 @@ CFG = PoolScalingConfig(
     target_utilization=1.0,
     scale_up_margin=0.0,
     scale_down_tolerance=0.0,
+    spike_hold_s=0.0,
 )
 
 
@@ -151,14 +153,15 @@ def test_panic_mode_blocks_scale_down() -> None:
     assert not d.panic and d.desired == 1
 
 
-def profiled(cfg: PoolScalingConfig = CFG) -> ReplicaAutoscaler:
-    """An autoscaler that has seen a whole (quiet) day: its forecast is the daily profile's."""
+def profiled(cfg: PoolScalingConfig = CFG, tokens_per_s: float = 0.0) -> ReplicaAutoscaler:
+    """An autoscaler that has seen a whole day at a flat demand (quiet by default): its forecast
+    is the daily profile's."""
     a = ReplicaAutoscaler(
         dataclasses.replace(cfg, forecast=True, season_s=960.0, capacity_tokens_per_s=1000.0)
     )
     assert a._season is not None
     for t in range(0, 1000, 5):
-        a._season.update(0.0, float(t))
+        a._season.update(tokens_per_s, float(t))
     assert a._season.ready
     return a
 
@@ -240,6 +243,50 @@ def test_pending_replicas_stay_while_needed_or_in_panic() -> None:
     # covered, but in panic (a sudden overload that may come back): they stay
     calm = profiled(dataclasses.replace(CFG, panic_threshold=1.5, panic_hold_s=120))
     assert sizes(calm, 0.5, burst=2.0) == [8] * 6
+
+
+def test_a_spike_above_the_daily_profile_gets_warm_capacity_until_it_lasts() -> None:
+    """Demand twice what the profile expects: new nodes would come after a burst of minutes has
+    passed, so only spare replicas (placeholders on nodes) start, until the rise has lasted
+    spike_hold_s; then it is a level and is ordered in full."""
+    cfg = dataclasses.replace(CFG, spike_hold_s=120.0)
+
+    def run(spare: int, ratios: Callable[[float], float]) -> list[tuple[int, int | None, str]]:
+        a = profiled(cfg, tokens_per_s=4000.0)  # 4 replicas' worth at capacity 1000
+        out = []
+        for t in range(1000, 1181, 15):
+            obs = PoolObservation(
+                4, at_ratio(4, ratios(t), observed_at=float(t)), spare_replicas=spare
+            )
+            d = a.decide(obs, float(t))
+            out.append((d.desired, d.forecast, d.reason))
+        return out
+
+    spike = run(0, lambda t: 1.9)
+    assert [d for d, _, _ in spike[:8]] == [4] * 8  # 1000 .. 1105: the profile's 4, no more
+    assert "above the daily profile: 4 without new nodes" in spike[0][2]
+    assert all(f is not None and f <= 4 for _, f, _ in spike[:8])
+    assert [d for d, _, _ in spike[8:]] == [8] * 5  # lasted 120 s: ordered
+    # Spare replicas start at once.
+    assert run(2, lambda t: 1.9)[0][0] == 6
+    # A dip back within the profile restarts the clock: two bursts are not one level.
+    dips = run(0, lambda t: 0.9 if t == 1090 else 1.9)
+    assert [d for d, _, _ in dips] == [4] * 13
+    # Off (spike_hold_s 0, the HPA's way), or no day seen yet: at once.
+    off = profiled(CFG, tokens_per_s=4000.0)
+    assert off.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8
+    trend_only = ReplicaAutoscaler(
+        dataclasses.replace(cfg, forecast=True, capacity_tokens_per_s=1000.0)
+    )
+    assert trend_only.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8
+
+
+def test_a_rise_the_daily_profile_expects_is_ordered_at_once() -> None:
+    """The cap is what the profile asks for now or at the lead time: a ramp it knows, or the
+    day's demand on a pool below it, is not a spike."""
+    a = profiled(dataclasses.replace(CFG, spike_hold_s=720.0), tokens_per_s=8000.0)
+    d = a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
+    assert d.desired == 8 and "above the daily profile" not in d.reason
 
 
 def test_min_and_max_bound_the_decision() -> None:
