@@ -416,7 +416,7 @@ class ReplicaAutoscaler:
 
     def _spike_cap(self, reactive: int, current: int, spare: int, now: float) -> int | None:
         """The most replicas a scale-up may ask for while the need runs above what the daily
-        profile expects (None: no cap). New GPU nodes take the lead time to serve, and a spike
+        profile expects at the lead time (None: no cap). New GPU nodes take the lead time to serve, and a spike
         shorter than that (a burst of minutes) is over before they do: each then bills its
         provisioning and Cluster Autoscaler's 10 minutes once empty, for nothing (about a sixth
         of the simulated day's bill). Until the rise has lasted `spike_hold_s` it gets what can
@@ -442,15 +442,17 @@ class ReplicaAutoscaler:
         return cap
 
     def _profile_replicas(self, now: float) -> int | None:
-        """Replicas the daily profile asks for now or at the lead time, whichever is more
-        (None: no day seen yet, or no capacity learned)."""
+        """Replicas the daily profile asks for at the lead time, when a node ordered now would
+        serve: what new nodes are worth (None: no day seen yet, or no capacity learned). Not
+        what it asks for now: on the evening's way down that is more than the nodes would
+        find to do when they come."""
         if self._season is None or not self._capacity:
             return None
-        at = (self._season.forecast(now), self._season.forecast(now + self.cfg.lead_time_s))
-        if at[0] is None or at[1] is None:
+        demand = self._season.forecast(now + self.cfg.lead_time_s)
+        if demand is None:
             return None
         per_replica = self._capacity * self.cfg.target_utilization
-        return math.ceil(max(at[0], at[1]) / per_replica - self.cfg.tolerance)
+        return math.ceil(demand / per_replica - self.cfg.tolerance)
 
     def _rising(self) -> bool | None:
         """Whether the demand trend is up (None: no trend learned yet)."""

@@ -282,11 +282,30 @@ def test_a_spike_above_the_daily_profile_gets_warm_capacity_until_it_lasts() -> 
 
 
 def test_a_rise_the_daily_profile_expects_is_ordered_at_once() -> None:
-    """The cap is what the profile asks for now or at the lead time: a ramp it knows, or the
-    day's demand on a pool below it, is not a spike."""
+    """The cap is what the profile asks for at the lead time: a rise it expects (a ramp, or
+    the day's demand on a pool below it) is not a spike."""
     a = profiled(dataclasses.replace(CFG, spike_hold_s=720.0), tokens_per_s=8000.0)
     d = a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
     assert d.desired == 8 and "above the daily profile" not in d.reason
+    # A day low in its first half (2 replicas' worth) and high in its second (8): the morning
+    # ramp, a lead time (480 s) before it comes, is ordered; the same spike when the evening's
+    # way down is a lead time away is not (the nodes would come to a quiet pool).
+    cfg = dataclasses.replace(
+        CFG,
+        forecast=True,
+        season_s=960.0,
+        capacity_tokens_per_s=1000.0,
+        lead_time_s=480.0,
+        spike_hold_s=720.0,
+    )
+    sizes = []
+    for now in (1920.0 + 240.0, 1920.0 + 720.0):  # before the ramp; before the way down
+        b = ReplicaAutoscaler(cfg)
+        assert b._season is not None
+        for t in range(0, 1000, 5):
+            b._season.update(2000.0 if t % 960 < 480 else 8000.0, float(t))
+        sizes.append(b.decide(PoolObservation(4, at_ratio(4, 1.9, observed_at=now)), now).desired)
+    assert sizes == [8, 4]
 
 
 def test_min_and_max_bound_the_decision() -> None:
