@@ -125,7 +125,10 @@ class PoolScalingConfig:
     batch_target: float = 48.0  # running requests per replica
     tolerance: float = 0.1
     target_utilization: float = 0.65  # saturation to hold: the rest is headroom for bursts
-    scale_up_margin: float = 0.1  # a scale-up goes this much past the need (fewer actions)
+    # ... once the daily profile forecasts: it orders the ramps ahead, so the headroom is for
+    # bursts alone (before, on the trend, it must also carry a ramp the trend has yet to see).
+    profile_utilization: float = 0.7
+    scale_up_margin: float = 0.1  # a scale-up goes this much past the need, on the trend alone
     scale_down_tolerance: float = 0.2  # scale down only below (1 - this) x current replicas
     scale_up_percent: float = 100.0  # per scale_up_period_s ...
     scale_up_pods: int = 4  # ... or this many pods, whichever is larger
@@ -433,6 +436,7 @@ def check_scaling(s: PoolScalingConfig, key: str) -> None:
         raise ConfigError(f"{key}.kv_target: {s.kv_target} must be <= 1")
     for k, lo, hi in (
         ("target_utilization", 0.0, 1.0),
+        ("profile_utilization", 0.0, 1.0),
         ("trend_alpha", 0.0, 1.0),
         ("capacity_learn_rate", 0.0, 1.0),
     ):

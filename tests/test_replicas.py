@@ -29,6 +29,7 @@ CFG = PoolScalingConfig(
     batch_target=40,
     forecast=False,
     target_utilization=1.0,
+    profile_utilization=1.0,
     scale_up_margin=0.0,
     scale_down_tolerance=0.0,
     spike_hold_s=0.0,
@@ -308,6 +309,21 @@ def test_a_rise_the_daily_profile_expects_is_ordered_at_once() -> None:
     assert sizes == [8, 4]
 
 
+def test_the_held_utilization_rises_and_the_margin_goes_once_the_profile_forecasts() -> None:
+    """On the trend alone the headroom must also carry a ramp the trend has yet to see
+    (target_utilization); once the profile orders ramps ahead, bursts alone
+    (profile_utilization)."""
+    cfg = dataclasses.replace(CFG, target_utilization=0.5, profile_utilization=0.8)
+    trend = ReplicaAutoscaler(dataclasses.replace(cfg, forecast=True, capacity_tokens_per_s=1e3))
+    assert trend.decide(PoolObservation(4, at_ratio(4, 0.8)), 1000.0).desired == 7  # 6.4
+    assert profiled(cfg).decide(PoolObservation(4, at_ratio(4, 0.8)), 1000.0).desired == 4
+    # The step margin too is for the trend's lateness: the profile sizes a ramp itself.
+    cfg = dataclasses.replace(CFG, scale_up_margin=0.25)
+    trend = ReplicaAutoscaler(dataclasses.replace(cfg, forecast=True, capacity_tokens_per_s=1e3))
+    assert trend.decide(PoolObservation(4, at_ratio(4, 1.5)), 1000.0).desired == 8  # 6 x 1.25
+    assert profiled(cfg).decide(PoolObservation(4, at_ratio(4, 1.5)), 1000.0).desired == 6
+
+
 def test_min_and_max_bound_the_decision() -> None:
     a = ReplicaAutoscaler(dataclasses.replace(CFG, min_replicas=2, max_replicas=3))
     assert a.decide(PoolObservation(2, at_ratio(2, 5.0)), 1000.0).desired == 3
@@ -454,6 +470,8 @@ def test_config_rejects_bad_scaling_values(tmp_path) -> None:  # noqa: ANN001
         "scale_down_tolerance: 1",
         "trend_damping_s: 0",
         "capacity_min_saturation: 1.5",
+        "profile_utilization: 1.2",
+        "spike_hold_s: -1",
     ):
         f = tmp_path / "k.yaml"
         f.write_text(
