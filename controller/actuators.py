@@ -72,9 +72,9 @@ class PlaceholderNodes:
         """GPU nodes and Pending GPU pods, read with the placeholders' API client."""
         return await read_gpu_inventory(self.placeholders.api, self.placeholders.retry)
 
-    async def warm(self) -> dict[str, int]:
-        """GPUs per pool its placeholders hold on nodes that are up (controller/nodepools.py
-        `warm_gpus`): replicas that start without a new node."""
+    async def warm(self) -> dict[str, dict[str, int]]:
+        """GPUs per pool and node its placeholders hold on nodes that are up
+        (controller/nodepools.py `warm_gpus`): replicas that start without a new node."""
         return warm_gpus(await self.placeholders.list())
 
     async def apply(self, plans: dict[str, AcceleratorPlan], targets: Sequence[PoolTarget]) -> None:

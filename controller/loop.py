@@ -121,8 +121,16 @@ class NodeActuator(Protocol):
 
     # Optional: `async def inventory() -> dict[str, AcceleratorInventory] | None`, the cluster's
     # GPU nodes and Pending GPU pods (see _nodes_inventory); `async def warm() -> dict[str,
-    # int]`, GPUs per pool its placeholders hold on nodes that are up (see _warm_gpus); `def
-    # reset()`, forget what it cached of the cluster (a new leadership term).
+    # dict[str, int]]`, GPUs per pool and node its placeholders hold on nodes that are up (see
+    # _warm_gpus); `def reset()`, forget what it cached of the cluster (a new leadership term).
+
+
+def _spare(warm: dict[str, dict[str, int]] | None, t: PoolTarget) -> int | None:
+    """Replicas of the pool that fit, whole, on the GPUs its placeholders hold per node."""
+    if warm is None:
+        return None
+    per_replica = max(1, t.pool.gpus_per_replica)
+    return sum(g // per_replica for g in warm.get(t.name, {}).values())
 
 
 def planned_accelerator(t: PoolTarget) -> str:
@@ -251,7 +259,7 @@ class Controller:
                     pd.held,
                     pd.arrival_rate_rps,
                     pending_replicas=size.pending,
-                    spare_replicas=warm.get(t.name, 0) // max(1, t.pool.gpus_per_replica),
+                    spare_replicas=_spare(warm, t),
                 ),
                 now,
             )
@@ -448,13 +456,14 @@ class Controller:
             log.error("cannot read GPU nodes and Pending pods, planning without them: %s", e)
             return None
 
-    async def _warm_gpus(self) -> dict[str, int]:
-        """GPUs per pool that placeholders hold on nodes that are up, from the node actuator
-        when it keeps placeholders (not in local mode). A failed read is counted and the tick
-        decides as if there were none: a spike then waits for its hold, never over-orders."""
+    async def _warm_gpus(self) -> dict[str, dict[str, int]] | None:
+        """GPUs per pool and node that placeholders hold on nodes that are up, from the node
+        actuator when it keeps placeholders; None when it does not (none, gke, local mode):
+        spare replicas unknown, no spike cap. A failed read is counted and the tick decides as
+        if there were none spare: a spike then waits for its hold, never over-orders."""
         read = getattr(self.nodes, "warm", None)
         if read is None or self.cfg.controller.mode == "local":
-            return {}
+            return None
         try:
             return await read()
         except Exception as e:

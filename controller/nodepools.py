@@ -279,16 +279,20 @@ def placeholder_pod(
     }
 
 
-def warm_gpus(placeholders: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """GPUs per pool that its placeholder pods hold on a node (bound and Running): what a new
-    replica of that pool takes at once, preempting one, without waiting for a node."""
-    out: dict[str, int] = {}
+def warm_gpus(placeholders: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """GPUs per pool and node that the pool's placeholder pods hold (bound and Running): what a
+    new replica of that pool takes at once, preempting them, without waiting for a node. Per
+    node, since a replica's GPUs must all be on one: two 1-GPU placeholders on two nodes are no
+    room for a 2-GPU replica."""
+    out: dict[str, dict[str, int]] = {}
     for p in placeholders:
         spec, status = p.get("spec") or {}, p.get("status") or {}
-        if not spec.get("nodeName") or status.get("phase") != "Running":
+        node = spec.get("nodeName")
+        if not node or status.get("phase") != "Running":
             continue
         labels = (p.get("metadata") or {}).get("labels") or {}
         pool = labels.get("kvpilot.io/pool", "")
         if pool:
-            out[pool] = out.get(pool, 0) + _quantity(labels.get("kvpilot.io/gpus", "1"))
+            per_node = out.setdefault(pool, {})
+            per_node[node] = per_node.get(node, 0) + _quantity(labels.get("kvpilot.io/gpus", "1"))
     return out

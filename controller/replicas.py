@@ -48,10 +48,10 @@ class PoolObservation:
     # when scaling down and counted idle when scaling up (not "missing" like a pod that runs
     # without metrics, which is assumed at target when scaling down).
     pending_replicas: int = 0
-    # Replicas that can start without a new node: GPUs the pool's placeholder pods hold on
-    # nodes that are up (a replica preempts one at once). What a spike may take before it has
-    # lasted `spike_hold_s`.
-    spare_replicas: int = 0
+    # Replicas that can start without a new node: the pool's placeholder pods on nodes that
+    # are up (a replica preempts one at once). What a spike may take before it has lasted
+    # `spike_hold_s`. None: not known (no placeholders kept, local mode): no spike cap.
+    spare_replicas: int | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,7 @@ class ReplicaAutoscaler:
         new = ReplicaAutoscaler(cfg)
         new._recs, new._changes, new._asked = deque(self._recs), deque(self._changes), self._asked
         new._panic_until, new._busy_at = self._panic_until, self._busy_at
+        new._spike_since = self._spike_since  # a config edit does not restart a spike's hold
         old = self._season
         if new._season is not None and old is not None and old.period_s == new._season.period_s:
             new._season = old
@@ -316,7 +317,7 @@ class ReplicaAutoscaler:
             # Step past the need: on the trend a rise is usually a ramp it is late for, which
             # goes on rising (and the next step up comes later: fewer, larger actions).
             raw = math.ceil(raw * (1 + self._margin()))
-        cap = self._spike_cap(reactive, current, obs.spare_replicas, now)
+        cap = self._spike_cap(current, obs.spare_replicas, now)
         if cap is not None and raw > cap:
             raw = cap
             forecast = min(forecast, cap) if forecast is not None else None
@@ -418,39 +419,42 @@ class ReplicaAutoscaler:
             self._asked = (now, current, desired)
         return Decision(desired, current, reason)
 
-    def _spike_cap(self, reactive: int, current: int, spare: int, now: float) -> int | None:
-        """The most replicas a scale-up may ask for while the need runs above what the daily
-        profile expects at the lead time (None: no cap). New GPU nodes take the lead time to serve, and a spike
-        shorter than that (a burst of minutes) is over before they do: each then bills its
-        provisioning and Cluster Autoscaler's 10 minutes once empty, for nothing (about a sixth
-        of the simulated day's bill). Until the rise has lasted `spike_hold_s` it gets what can
-        start at once, the spare replicas (placeholders already on nodes), and never less than
-        the profile itself asks for; the forecast's own share of the rise (the demand level
-        now, which lags a burst by its smoothing) is capped the same way. A rise that lasts
-        is a level, not a spike, and is ordered in full. On the trend alone (no day seen yet)
-        a spike cannot be told from a ramp: no cap."""
+    def _spike_cap(self, current: int, spare: int | None, now: float) -> int | None:
+        """The most replicas a scale-up may ask for during a spike (None: no cap).
+
+        A spike is demand (the 60-s average, or the forecast's level if higher: it lags a
+        burst's end) above what the daily profile expects now, by more than `tolerance`. New
+        GPU nodes take the lead time to serve, and a spike shorter than that (a burst of
+        minutes) is over before they do: each then bills its provisioning and Cluster
+        Autoscaler's 10 minutes once empty, for nothing. So until the spike has lasted
+        `spike_hold_s` the pool grows only onto its spare replicas (placeholders already on
+        nodes), and never below what the profile asks for at the lead time; the forecast is
+        capped the same way. A spike that lasts is a level and is ordered in full; demand
+        back within the profile ends it. No cap on the trend alone (no day seen yet: a spike
+        cannot be told from a ramp), nor where spare replicas are not known."""
         cfg = self.cfg
         expected = self._profile_replicas(now)
-        if cfg.spike_hold_s <= 0 or expected is None:
+        usual = self._season.forecast(now) if self._season is not None else None
+        if cfg.spike_hold_s <= 0 or spare is None or expected is None or usual is None:
             self._spike_since = None
             return None
-        margin = 1 + self._margin()
-        cap = max(current + max(0, spare), math.ceil(expected * margin))
-        if math.ceil(reactive * margin) > cap:
-            if self._spike_since is None:
-                self._spike_since = now
-        else:
+        assert self._tokens is not None and self._demand is not None
+        demand = max(self._tokens.value or 0.0, self._demand.level or 0.0)
+        if demand <= usual * (1 + cfg.tolerance):
             self._spike_since = None
-        if self._spike_since is not None and now - self._spike_since >= cfg.spike_hold_s:
             return None
-        return cap
+        if self._spike_since is None:
+            self._spike_since = now
+        if now - self._spike_since >= cfg.spike_hold_s:
+            return None
+        return max(current + max(0, spare), expected)
 
     def _profile_replicas(self, now: float) -> int | None:
         """Replicas the daily profile asks for at the lead time, when a node ordered now would
         serve: what new nodes are worth (None: no day seen yet, or no capacity learned). Not
         what it asks for now: on the evening's way down that is more than the nodes would
         find to do when they come."""
-        if self._season is None or not self._capacity:
+        if self._season is None or not self._profiled():
             return None
         demand = self._season.forecast(now + self.cfg.lead_time_s)
         if demand is None:
@@ -459,7 +463,10 @@ class ReplicaAutoscaler:
         return math.ceil(demand / per_replica - self.cfg.tolerance)
 
     def _profiled(self) -> bool:
-        return self._season is not None and self._season.ready
+        """Whether the daily profile forecasts: a whole day seen, and a replica's capacity
+        known to turn its demand into replicas (after a restore or a settings reload the
+        capacity is learned again first; until then the trend's settings hold)."""
+        return self._season is not None and self._season.ready and bool(self._capacity)
 
     def _utilization(self) -> float:
         """The saturation held: `profile_utilization` once the daily profile forecasts (it

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -449,6 +450,8 @@ from prometheus_client import REGISTRY  # noqa: E402
 
 from controller.actuators import KubeActuator, PlaceholderNodes  # noqa: E402
 from controller.loop import Controller  # noqa: E402
+from controller.loop import _spare as spare_of  # noqa: E402
+from controller.loop import targets as targets_of  # noqa: E402
 from kvpilot.config import parse_config  # noqa: E402
 from kvpilot.signals import ReplicaState  # noqa: E402
 
@@ -975,7 +978,7 @@ async def test_a_spike_above_the_profile_takes_the_placeholders_already_on_nodes
             "min_replicas": 1,
             "max_replicas": 10,
             "target_utilization": 1.0,
-            "scale_up_margin": 0.0,
+            "profile_utilization": 1.0,
             "capacity_tokens_per_s": 100.0,
         }
     }
@@ -988,17 +991,51 @@ async def test_a_spike_above_the_profile_takes_the_placeholders_already_on_nodes
         pod["spec"] = {**pod["spec"], "nodeName": f"gke-l4-{name[-4:]}"}
         pod["status"] = {"phase": "Running"}
         k8s.objects[key] = pod
+
+    def spiking() -> list[ReplicaState]:  # saturation 3, 600 tokens/s: 6 replicas' worth
+        return [
+            dataclasses.replace(s, generation_tokens_per_s=300.0) for s in busy(2, now, waiting=12)
+        ]
+
     ctl = kube_controller(
         api,
         now,
         cfg=loop_config(pools=pools, node_actuator="placeholders"),
-        states=lambda: busy(2, now, waiting=12),  # saturation 3: 6 replicas' worth
+        states=spiking,
         nodes=PlaceholderNodes(ph),
     )
     _learned_a_day(ctl, now, level=200.0)  # the profile expects 2 replicas' worth
     d = (await ctl.tick())["llama"]
-    assert d.desired == 4 and "above the daily profile" in d.reason
+    assert d.desired == 4 and "above the daily profile" in d.reason  # 2 + 2 spare
     assert k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] == 4
+
+    # Without placeholders (node actuator none) nothing says what is warm: no cap, as the HPA.
+    k8s.objects[DEPLOY, "ml", "llama"]["spec"]["replicas"] = 2
+    plain = kube_controller(api, now, cfg=loop_config(pools=pools), states=spiking)
+    _learned_a_day(plain, now, level=200.0)
+    assert (await plain.tick())["llama"].desired == 6
+
+
+def test_spare_replicas_fit_whole_on_one_node() -> None:
+    """A 2-GPU replica fits on a node whose placeholders hold 2 GPUs, not on two nodes with
+    one each; without placeholders kept, spare is unknown (None), not zero."""
+    cfg = parse_config(
+        {
+            "pools": [
+                {
+                    "name": "big",
+                    "models": ["llama-3.1-8b"],
+                    "namespace": "ml",
+                    "endpoints": ["http://127.0.0.1:1"],
+                    "gpus_per_replica": 2,
+                }
+            ]
+        }
+    )
+    (t,) = targets_of(cfg)
+    assert spare_of({"big": {"n1": 2, "n2": 1, "n3": 1, "n4": 5}}, t) == 3
+    assert spare_of({}, t) == 0
+    assert spare_of(None, t) is None
 
 
 # --- scale from zero: the gateway holds a request, the controller reads it from the gateway ----

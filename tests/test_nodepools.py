@@ -440,9 +440,10 @@ def test_warm_gpus_are_the_placeholders_running_on_a_node() -> None:
 
     pods = [
         pod("llama", 1, "n1", "Running"),
+        pod("llama", 1, "n1", "Running"),
         pod("llama", 1, "n2", "Running"),
         pod("llama", 1, "", "Pending"),  # waits for a node
         pod("llama", 1, "n3", "Pending"),  # bound, still starting
         pod("big", 8, "n4", "Running"),
     ]
-    assert warm_gpus(pods) == {"llama": 2, "big": 8}
+    assert warm_gpus(pods) == {"llama": {"n1": 2, "n2": 1}, "big": {"n4": 8}}

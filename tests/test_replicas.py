@@ -246,67 +246,133 @@ def test_pending_replicas_stay_while_needed_or_in_panic() -> None:
     assert sizes(calm, 0.5, burst=2.0) == [8] * 6
 
 
-def test_a_spike_above_the_daily_profile_gets_warm_capacity_until_it_lasts() -> None:
-    """Demand twice what the profile expects: new nodes would come after a burst of minutes has
-    passed, so only spare replicas (placeholders on nodes) start, until the rise has lasted
-    spike_hold_s; then it is a level and is ordered in full."""
-    cfg = dataclasses.replace(CFG, spike_hold_s=120.0)
+# Spikes: 1-s demand average and an untrended level (the tests' demand moves at once), a day of
+# 9600 s (100-s bins: today's level moves only over many bins, not within a test).
+SPIKY = dataclasses.replace(CFG, spike_hold_s=120.0, demand_window_s=1.0, trend_alpha=1.0)
 
-    def run(spare: int, ratios: Callable[[float], float]) -> list[tuple[int, int | None, str]]:
-        a = profiled(cfg, tokens_per_s=4000.0)  # 4 replicas' worth at capacity 1000
+
+T0 = 12400.0  # a day and 24 bins seen: today's level (the median of 24 bin ratios) is 1
+
+
+def day(
+    cfg: PoolScalingConfig, usual: Callable[[float], float], until: float = T0
+) -> ReplicaAutoscaler:
+    """An autoscaler that has seen `usual(t)` tokens/s until `until`; capacity 1000 tokens/s."""
+    a = ReplicaAutoscaler(
+        dataclasses.replace(cfg, forecast=True, season_s=9600.0, capacity_tokens_per_s=1000.0)
+    )
+    assert a._season is not None
+    for t in range(0, int(until), 50):
+        a._season.update(usual(float(t)), float(t))
+    assert a._season.ready
+    return a
+
+
+def tokens_at(n: int, ratio: float, tokens_per_s: float, t: float) -> list[ReplicaState]:
+    """n replicas at saturation `ratio`, serving `tokens_per_s` between them."""
+    return at_ratio(n, ratio, observed_at=t, generation_tokens_per_s=tokens_per_s / n)
+
+
+def test_a_spike_above_the_daily_profile_gets_warm_capacity_until_it_lasts() -> None:
+    """Twice the demand the profile expects: new nodes would come after a burst of minutes
+    has passed, so only spare replicas (placeholders on nodes) start, until the spike has
+    lasted spike_hold_s; then it is a level and is ordered in full."""
+
+    def run(
+        spare: int | None, demand: Callable[[float], float], cfg: PoolScalingConfig = SPIKY
+    ) -> list[tuple[int, int | None, str]]:
+        a = day(cfg, lambda t: 4000.0)  # 4 replicas' worth
         out = []
-        for t in range(1000, 1181, 15):
-            obs = PoolObservation(
-                4, at_ratio(4, ratios(t), observed_at=float(t)), spare_replicas=spare
-            )
-            d = a.decide(obs, float(t))
+        for t in range(int(T0), int(T0) + 181, 15):
+            # saturation follows the demand: 1.9 at twice the profile's
+            states = tokens_at(4, 1.9 * demand(t) / 8000.0, demand(t), float(t))
+            d = a.decide(PoolObservation(4, states, spare_replicas=spare), float(t))
             out.append((d.desired, d.forecast, d.reason))
         return out
 
-    spike = run(0, lambda t: 1.9)
-    assert [d for d, _, _ in spike[:8]] == [4] * 8  # 1000 .. 1105: the profile's 4, no more
+    spike = run(0, lambda t: 8000.0)
+    assert [d for d, _, _ in spike[:8]] == [4] * 8  # 0 .. 105 s: the profile's 4, no more
     assert "above the daily profile: 4 without new nodes" in spike[0][2]
-    assert all(f is not None and f <= 4 for _, f, _ in spike[:8])
+    assert all(f is not None and f <= 4 for _, f, _ in spike[:8])  # no placeholders either
     assert [d for d, _, _ in spike[8:]] == [8] * 5  # lasted 120 s: ordered
-    # Spare replicas start at once.
-    assert run(2, lambda t: 1.9)[0][0] == 6
-    # A dip back within the profile restarts the clock: two bursts are not one level.
-    dips = run(0, lambda t: 0.9 if t == 1090 else 1.9)
+    # Spare replicas start at once; where they are not known, no cap.
+    assert run(2, lambda t: 8000.0)[0][0] == 6
+    assert run(None, lambda t: 8000.0)[0][0] == 8
+    # Demand back within the profile ends the spike: the next one is held anew.
+    dips = run(0, lambda t: 4000.0 if t == T0 + 90 else 8000.0)
     assert [d for d, _, _ in dips] == [4] * 13
+    # Demand the profile expects is no spike, whatever the saturation: ordered at once.
+    a = day(SPIKY, lambda t: 4000.0)
+    states = tokens_at(4, 1.9, 4200.0, T0)
+    assert a.decide(PoolObservation(4, states, spare_replicas=0), T0).desired == 8
     # Off (spike_hold_s 0, the HPA's way), or no day seen yet: at once.
-    off = profiled(CFG, tokens_per_s=4000.0)
-    assert off.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8
-    trend_only = ReplicaAutoscaler(
-        dataclasses.replace(cfg, forecast=True, capacity_tokens_per_s=1000.0)
-    )
-    assert trend_only.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0).desired == 8
+    assert run(0, lambda t: 8000.0, dataclasses.replace(SPIKY, spike_hold_s=0.0))[0][0] == 8
+    trend_only = ReplicaAutoscaler(dataclasses.replace(SPIKY, capacity_tokens_per_s=1000.0))
+    states = tokens_at(4, 1.9, 8000.0, T0)
+    assert trend_only.decide(PoolObservation(4, states, spare_replicas=0), T0).desired == 8
 
 
-def test_a_rise_the_daily_profile_expects_is_ordered_at_once() -> None:
-    """The cap is what the profile asks for at the lead time: a rise it expects (a ramp, or
-    the day's demand on a pool below it) is not a spike."""
-    a = profiled(dataclasses.replace(CFG, spike_hold_s=720.0), tokens_per_s=8000.0)
-    d = a.decide(PoolObservation(4, at_ratio(4, 1.9)), 1000.0)
-    assert d.desired == 8 and "above the daily profile" not in d.reason
-    # A day low in its first half (2 replicas' worth) and high in its second (8): the morning
-    # ramp, a lead time (480 s) before it comes, is ordered; the same spike when the evening's
-    # way down is a lead time away is not (the nodes would come to a quiet pool).
-    cfg = dataclasses.replace(
-        CFG,
-        forecast=True,
-        season_s=960.0,
-        capacity_tokens_per_s=1000.0,
-        lead_time_s=480.0,
-        spike_hold_s=720.0,
+def test_a_spike_that_lasted_is_not_held_again_and_the_forecast_counts() -> None:
+    """After the hold, a spike that goes on growing is ordered at once (one spike, one hold);
+    and a forecast above the profile (saturation within tolerance, demand high) is a spike
+    too: held, then ordered."""
+    a = day(SPIKY, lambda t: 4000.0)
+    current, sizes = 4, []
+    for t in range(int(T0), int(T0) + 301, 15):
+        demand = 8000.0 if t < T0 + 200 else 12000.0
+        states = tokens_at(current, demand / 1000.0 * 0.95 / current, demand, float(t))
+        current = a.decide(PoolObservation(current, states, spare_replicas=0), float(t)).desired
+        sizes.append((t, current))
+    assert dict(sizes)[T0 + 105] == 4 and dict(sizes)[T0 + 120] == 8
+    assert dict(sizes)[T0 + 210] == 12  # the spike grew after its hold: not held again
+
+    # A settings reload in the middle of a spike does not restart its hold.
+    c = day(SPIKY, lambda t: 4000.0)
+    assert (
+        c.decide(PoolObservation(4, tokens_at(4, 1.9, 8000.0, T0), spare_replicas=0), T0).desired
+        == 4
     )
+    c = c.with_settings(c.cfg)
+    d = c.decide(
+        PoolObservation(4, tokens_at(4, 1.9, 8000.0, T0 + 120), spare_replicas=0), T0 + 120
+    )
+    assert d.desired == 8
+
+    b = day(SPIKY, lambda t: 4000.0)
+    out = []
+    for t in range(int(T0), int(T0) + 181, 15):
+        states = tokens_at(10, 1.0, 10500.0, float(t))  # reactive: 10 (within tolerance)
+        out.append(b.decide(PoolObservation(10, states, spare_replicas=0), float(t)).desired)
+    assert out[:8] == [10] * 8 and out[8:] == [11] * 5  # forecast 10.5k / 1k: held, then 11
+
+
+def test_the_spike_cap_is_the_profiles_need_at_the_lead_time() -> None:
+    """During a spike the pool may grow to what the profile asks for when a node ordered now
+    would serve: before the morning ramp, that is the ramp's size; before the evening's way
+    down, a quiet pool."""
+    cfg = dataclasses.replace(SPIKY, lead_time_s=4800.0)
     sizes = []
-    for now in (1920.0 + 240.0, 1920.0 + 720.0):  # before the ramp; before the way down
-        b = ReplicaAutoscaler(cfg)
-        assert b._season is not None
-        for t in range(0, 1000, 5):
-            b._season.update(2000.0 if t % 960 < 480 else 8000.0, float(t))
-        sizes.append(b.decide(PoolObservation(4, at_ratio(4, 1.9, observed_at=now)), now).desired)
+    for now in (19200.0 + 2400.0, 19200.0 + 7200.0):  # before the ramp; before the way down
+        a = day(cfg, lambda t: 2000.0 if t % 9600 < 4800 else 8000.0, until=now)
+        usual = 2000.0 if now % 9600 < 4800 else 8000.0
+        states = tokens_at(4, 1.9, 2 * usual, now)
+        sizes.append(a.decide(PoolObservation(4, states, spare_replicas=0), now).desired)
     assert sizes == [8, 4]
+
+
+def test_a_restored_profile_waits_for_the_capacity_before_its_settings() -> None:
+    """A new leader restores the profile, but turns its demand into replicas only once it has
+    learned a replica's capacity: until then the trend's utilization and no spike cap."""
+    cfg = dataclasses.replace(
+        SPIKY, target_utilization=0.5, profile_utilization=0.8, forecast=True, season_s=9600.0
+    )
+    learned = day(cfg, lambda t: 4000.0)
+    fresh = ReplicaAutoscaler(cfg)
+    assert learned._season is not None
+    fresh.restore_season(learned._season.state())
+    states = tokens_at(4, 0.72, 8000.0, T0)
+    d = fresh.decide(PoolObservation(4, states, spare_replicas=0), T0)
+    assert d.desired == 6 and "above the daily profile" not in d.reason  # 4 x 0.72 / 0.5
 
 
 def test_the_held_utilization_rises_and_the_margin_goes_once_the_profile_forecasts() -> None:
