@@ -317,7 +317,8 @@ class ReplicaAutoscaler:
             # Step past the need: on the trend a rise is usually a ramp it is late for, which
             # goes on rising (and the next step up comes later: fewer, larger actions).
             raw = math.ceil(raw * (1 + self._margin()))
-        cap = self._spike_cap(current, obs.spare_replicas, now)
+        need = max(reactive, forecast or 0)
+        cap = self._spike_cap(need, current, obs.spare_replicas, now)
         if cap is not None and raw > cap:
             raw = cap
             forecast = min(forecast, cap) if forecast is not None else None
@@ -419,35 +420,34 @@ class ReplicaAutoscaler:
             self._asked = (now, current, desired)
         return Decision(desired, current, reason)
 
-    def _spike_cap(self, current: int, spare: int | None, now: float) -> int | None:
-        """The most replicas a scale-up may ask for during a spike (None: no cap).
+    def _spike_cap(self, need: int, current: int, spare: int | None, now: float) -> int | None:
+        """The most replicas a scale-up may ask for now (None: no cap).
 
-        A spike is demand (the 60-s average, or the forecast's level if higher: it lags a
-        burst's end) above what the daily profile expects now, by more than `tolerance`. New
-        GPU nodes take the lead time to serve, and a spike shorter than that (a burst of
-        minutes) is over before they do: each then bills its provisioning and Cluster
-        Autoscaler's 10 minutes once empty, for nothing. So until the spike has lasted
-        `spike_hold_s` the pool grows only onto its spare replicas (placeholders already on
-        nodes), and never below what the profile asks for at the lead time; the forecast is
-        capped the same way. A spike that lasts is a level and is ordered in full; demand
-        back within the profile ends it. No cap on the trend alone (no day seen yet: a spike
-        cannot be told from a ramp), nor where spare replicas are not known."""
+        Once the daily profile forecasts, new GPU nodes are worth what it asks for at the lead
+        time, when a node ordered now would serve. A need beyond that and beyond the spare
+        replicas (placeholders already on nodes) is a spike: a burst of minutes is over before
+        new nodes serve, and each then bills its provisioning and Cluster Autoscaler's 10
+        minutes once empty, for nothing. So the pool grows only to max(current + spare, the
+        profile's need at the lead time), and the forecast is capped the same way, until the
+        need (the reactive size or the forecast, whichever is more) has stood beyond that for
+        `spike_hold_s`: then it is a level, the profile is wrong for today, and it is ordered
+        in full. Once the pool has caught up, the next rise beyond the cap waits anew. No cap
+        on the trend alone (no day seen yet: a spike cannot be told from a ramp), nor where
+        spare replicas are not known."""
         cfg = self.cfg
         expected = self._profile_replicas(now)
-        usual = self._season.forecast(now) if self._season is not None else None
-        if cfg.spike_hold_s <= 0 or spare is None or expected is None or usual is None:
+        if cfg.spike_hold_s <= 0 or spare is None or expected is None:
             self._spike_since = None
             return None
-        assert self._tokens is not None and self._demand is not None
-        demand = max(self._tokens.value or 0.0, self._demand.level or 0.0)
-        if demand <= usual * (1 + cfg.tolerance):
+        cap = max(current + max(0, spare), expected)
+        if need > cap:
+            if self._spike_since is None:
+                self._spike_since = now
+        else:
             self._spike_since = None
+        if self._spike_since is not None and now - self._spike_since >= cfg.spike_hold_s:
             return None
-        if self._spike_since is None:
-            self._spike_since = now
-        if now - self._spike_since >= cfg.spike_hold_s:
-            return None
-        return max(current + max(0, spare), expected)
+        return cap
 
     def _profile_replicas(self, now: float) -> int | None:
         """Replicas the daily profile asks for at the lead time, when a node ordered now would
