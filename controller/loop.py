@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -24,6 +24,7 @@ from controller.nodepools import (
     PoolGpuDemand,
     accelerator_label,
     plan_accelerators,
+    spare_replicas,
 )
 from controller.replicas import Decision, PoolObservation, ReplicaAutoscaler
 from kvpilot.config import Config, PoolConfig, PoolScalingConfig
@@ -123,14 +124,6 @@ class NodeActuator(Protocol):
     # GPU nodes and Pending GPU pods (see _nodes_inventory); `async def warm() -> dict[str,
     # dict[str, int]]`, GPUs per pool and node its placeholders hold on nodes that are up (see
     # _warm_gpus); `def reset()`, forget what it cached of the cluster (a new leadership term).
-
-
-def _spare(warm: dict[str, dict[str, int]] | None, t: PoolTarget) -> int | None:
-    """Replicas of the pool that fit, whole, on the GPUs its placeholders hold per node."""
-    if warm is None:
-        return None
-    per_replica = max(1, t.pool.gpus_per_replica)
-    return sum(g // per_replica for g in warm.get(t.name, {}).values())
 
 
 def planned_accelerator(t: PoolTarget) -> str:
@@ -259,7 +252,7 @@ class Controller:
                     pd.held,
                     pd.arrival_rate_rps,
                     pending_replicas=size.pending,
-                    spare_replicas=_spare(warm, t),
+                    spare_replicas=spare_replicas(warm, t.name, t.pool.gpus_per_replica),
                 ),
                 now,
             )
@@ -444,32 +437,29 @@ class Controller:
         return acc
 
     async def _nodes_inventory(self) -> dict[str, AcceleratorInventory] | None:
-        """GPU nodes and Pending GPU pods from the node actuator, when it can read them (not in
-        local mode). A failed read is counted and the tick plans without them."""
-        read = getattr(self.nodes, "inventory", None)
-        if read is None or self.cfg.controller.mode == "local":
-            return None
-        try:
-            return await read()
-        except Exception as e:
-            ERRORS.labels("*", "inventory").inc()
-            log.error("cannot read GPU nodes and Pending pods, planning without them: %s", e)
-            return None
+        """GPU nodes and Pending GPU pods from the node actuator, when it can read them. A
+        failed read: the tick plans without them."""
+        return await self._read_nodes("inventory", "GPU nodes and Pending pods", failed=None)
 
     async def _warm_gpus(self) -> dict[str, dict[str, int]] | None:
         """GPUs per pool and node that placeholders hold on nodes that are up, from the node
-        actuator when it keeps placeholders; None when it does not (none, gke, local mode):
-        spare replicas unknown, no spike cap. A failed read is counted and the tick decides as
-        if there were none spare: a spike then waits for its hold, never over-orders."""
-        read = getattr(self.nodes, "warm", None)
+        actuator when it keeps placeholders; None when it does not (none, gke): spare replicas
+        unknown, no spike cap. A failed read counts as none spare: a spike then waits for its
+        hold, never over-orders."""
+        return await self._read_nodes("warm", "the placeholders", failed={})
+
+    async def _read_nodes(self, op: str, what: str, *, failed: Any) -> Any:
+        """The node actuator's optional read `op` (None without one, or in local mode, where
+        there are no nodes); `failed` when it raises, counted in the errors metric."""
+        read = getattr(self.nodes, op, None)
         if read is None or self.cfg.controller.mode == "local":
             return None
         try:
             return await read()
         except Exception as e:
-            ERRORS.labels("*", "warm").inc()
-            log.error("cannot read the placeholders, deciding without them: %s", e)
-            return {}
+            ERRORS.labels("*", op).inc()
+            log.error("cannot read %s, deciding without them: %s", what, e)
+            return failed
 
     @staticmethod
     def _unexport(pool: str) -> None:

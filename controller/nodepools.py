@@ -296,3 +296,14 @@ def warm_gpus(placeholders: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, 
             per_node = out.setdefault(pool, {})
             per_node[node] = per_node.get(node, 0) + _quantity(labels.get("kvpilot.io/gpus", "1"))
     return out
+
+
+def spare_replicas(
+    warm: Mapping[str, Mapping[str, int]] | None, pool: str, gpus_per_replica: int
+) -> int | None:
+    """Replicas of `pool` that fit, whole, on the GPUs its placeholders hold per node
+    (`warm_gpus`); None when the placeholders are not known."""
+    if warm is None:
+        return None
+    per_replica = max(1, gpus_per_replica)
+    return sum(g // per_replica for g in warm.get(pool, {}).values())

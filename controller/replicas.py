@@ -317,8 +317,7 @@ class ReplicaAutoscaler:
             # Step past the need: on the trend a rise is usually a ramp it is late for, which
             # goes on rising (and the next step up comes later: fewer, larger actions).
             raw = math.ceil(raw * (1 + self._margin()))
-        need = max(reactive, forecast or 0)
-        cap = self._spike_cap(need, current, obs.spare_replicas, now)
+        cap = self._spike_cap(max(reactive, forecast or 0), current, obs.spare_replicas, now)
         if cap is not None and raw > cap:
             raw = cap
             forecast = min(forecast, cap) if forecast is not None else None

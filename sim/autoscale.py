@@ -289,7 +289,7 @@ class AutoscaleSimulation(Simulation):
             starting=starting,
             pending=cl.count("pending"),
             states=states,
-            spare=sum(1 for p in cl.placeholders() if p.node is not None and p.node.ready_s <= t),
+            spare=sum(1 for p in cl.placeholders() if p.state == "ready"),  # bound to a node
         )
 
 

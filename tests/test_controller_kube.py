@@ -450,8 +450,8 @@ from prometheus_client import REGISTRY  # noqa: E402
 
 from controller.actuators import KubeActuator, PlaceholderNodes  # noqa: E402
 from controller.loop import Controller  # noqa: E402
-from controller.loop import _spare as spare_of  # noqa: E402
 from controller.loop import targets as targets_of  # noqa: E402
+from controller.nodepools import spare_replicas  # noqa: E402
 from kvpilot.config import parse_config  # noqa: E402
 from kvpilot.signals import ReplicaState  # noqa: E402
 
@@ -1014,6 +1014,10 @@ async def test_a_spike_above_the_profile_takes_the_placeholders_already_on_nodes
     plain = kube_controller(api, now, cfg=loop_config(pools=pools), states=spiking)
     _learned_a_day(plain, now, level=200.0)
     assert (await plain.tick())["llama"].desired == 6
+
+
+def spare_of(warm: Any, t: Any) -> int | None:
+    return spare_replicas(warm, t.name, t.pool.gpus_per_replica)
 
 
 def test_spare_replicas_fit_whole_on_one_node() -> None:
