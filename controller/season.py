@@ -127,12 +127,25 @@ class DailyProfile:
         """Demand expected at time `at`, or None until a whole period has been seen."""
         if not self.ready:
             return None
+        return self._at(self.smoothed(), at) * self.level()
+
+    def peakness(self, at: float) -> float:
+        """Where the profile stands at time `at` between its daily mean (0) and its peak (1);
+        0 at or below the mean, and until a whole period has been seen."""
+        if not self.ready:
+            return 0.0
         s = self.smoothed()
+        mean, peak = sum(s) / len(s), max(s)
+        if peak <= mean:
+            return 0.0  # a flat day has no peak
+        return min(1.0, max(0.0, (self._at(s, at) - mean) / (peak - mean)))
+
+    def _at(self, s: list[float], at: float) -> float:
+        """The smoothed profile `s` at time `at`, between the two nearest bins."""
         x = at / self.bin_s - 0.5  # bin values sit at their bins' middles
         i = math.floor(x)
         frac = x - i
-        v = s[i % self.bins] * (1 - frac) + s[(i + 1) % self.bins] * frac
-        return v * self.level()
+        return s[i % self.bins] * (1 - frac) + s[(i + 1) % self.bins] * frac
 
     # ---- carried across controllers (a ConfigMap, controller/kube.py) -------------------------
 

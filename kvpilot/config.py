@@ -128,6 +128,10 @@ class PoolScalingConfig:
     # ... once the daily profile forecasts: it orders the ramps ahead, so the headroom is for
     # bursts alone (before, on the trend, it must also carry a ramp the trend has yet to see).
     profile_utilization: float = 0.7
+    # ... and at the profile's daily peak (from its daily mean up, it goes linearly from the one
+    # to this): the SLO is a share of the day's requests, and a burst at the peak puts the most
+    # of them at risk, on a pool sized most tightly (no ramp ordered ahead there).
+    peak_utilization: float = 0.6
     scale_up_margin: float = 0.1  # a scale-up goes this much past the need, on the trend alone
     scale_down_tolerance: float = 0.2  # scale down only below (1 - this) x current replicas
     scale_up_percent: float = 100.0  # per scale_up_period_s ...
@@ -437,6 +441,7 @@ def check_scaling(s: PoolScalingConfig, key: str) -> None:
     for k, lo, hi in (
         ("target_utilization", 0.0, 1.0),
         ("profile_utilization", 0.0, 1.0),
+        ("peak_utilization", 0.0, 1.0),
         ("trend_alpha", 0.0, 1.0),
         ("capacity_learn_rate", 0.0, 1.0),
     ):

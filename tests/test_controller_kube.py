@@ -979,6 +979,7 @@ async def test_a_spike_above_the_profile_takes_the_placeholders_already_on_nodes
             "max_replicas": 10,
             "target_utilization": 1.0,
             "profile_utilization": 1.0,
+            "peak_utilization": 1.0,
             "capacity_tokens_per_s": 100.0,
         }
     }

@@ -30,6 +30,7 @@ CFG = PoolScalingConfig(
     forecast=False,
     target_utilization=1.0,
     profile_utilization=1.0,
+    peak_utilization=1.0,
     scale_up_margin=0.0,
     scale_down_tolerance=0.0,
     spike_hold_s=0.0,
@@ -385,6 +386,26 @@ def test_the_held_utilization_rises_and_the_margin_goes_once_the_profile_forecas
     trend = ReplicaAutoscaler(dataclasses.replace(cfg, forecast=True, capacity_tokens_per_s=1e3))
     assert trend.decide(PoolObservation(4, at_ratio(4, 1.5)), 1000.0).desired == 8  # 6 x 1.25
     assert profiled(cfg).decide(PoolObservation(4, at_ratio(4, 1.5)), 1000.0).desired == 6
+
+
+def test_the_daily_peak_holds_more_headroom_than_the_rest_of_the_day() -> None:
+    """Once the profile forecasts: profile_utilization up to the day's mean, peak_utilization
+    at its peak (a burst there puts the most requests at risk). The same saturation asks for
+    more replicas at the peak than in the morning."""
+    cfg = dataclasses.replace(CFG, profile_utilization=0.8, peak_utilization=0.5)
+    a = day(cfg, lambda t: 1000.0 + 3000.0 * max(0.0, math.sin(math.pi * (t % 9600) / 9600)))
+    morning, peak = 9600.0 * 2 + 200.0, 9600.0 * 2 + 4800.0  # the day's start; its middle
+    assert a._utilization(morning) == pytest.approx(0.8)
+    assert a._utilization(peak) == pytest.approx(0.5, abs=0.01)
+    # The HPA's own recommendation (before the forecast): 4 x 0.6 / 0.5 and 4 x 0.6 / 0.8.
+    assert a.decide(PoolObservation(4, at_ratio(4, 0.6, observed_at=peak)), peak).reactive == 5
+    m = day(cfg, lambda t: 1000.0 + 3000.0 * max(0.0, math.sin(math.pi * (t % 9600) / 9600)))
+    assert (
+        m.decide(PoolObservation(4, at_ratio(4, 0.6, observed_at=morning)), morning).reactive == 3
+    )
+    # peak_utilization above profile_utilization changes nothing.
+    b = day(dataclasses.replace(cfg, peak_utilization=1.0), lambda t: 1000.0 + t % 9600)
+    assert b._utilization(peak) == b._utilization(morning) == pytest.approx(0.8)
 
 
 def test_min_and_max_bound_the_decision() -> None:

@@ -236,3 +236,19 @@ def test_an_autoscaler_restores_a_profile_only_of_its_own_period() -> None:
     assert off.season_state() is None
     with pytest.raises(ValueError, match="no daily profile"):
         off.restore_season(learned.season_state() or {})
+
+
+def test_peakness_runs_from_the_daily_mean_to_the_peak() -> None:
+    """0 at or below the day's mean, 1 at its peak, in between on the way up; 0 before a whole
+    day is seen and on a flat day."""
+    p = DailyProfile(DAY)
+    feed(p, 0.0, DAY - 200.0, diurnal)
+    assert p.peakness(DAY / 2) == 0.0  # not ready
+    feed(p, DAY - 200.0, DAY + 30.0, diurnal)
+    assert p.peakness(DAY / 2) == pytest.approx(1.0, abs=0.02)  # the peak (5000)
+    assert p.peakness(0.0) == 0.0 and p.peakness(DAY / 8) == 0.0  # the trough, below the mean
+    # Three eighths of a day: 3000 + 2000 x 0.707, about 0.7 of the way from the mean (3000).
+    assert p.peakness(3 * DAY / 8) == pytest.approx(0.707, abs=0.05)
+    flat = DailyProfile(DAY)
+    feed(flat, 0.0, DAY + 30.0, lambda t: 2000.0)
+    assert flat.peakness(DAY / 2) == 0.0
