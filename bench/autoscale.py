@@ -1,7 +1,7 @@
 """Autoscaling benchmark: every policy over a compressed, bursty day; the issue's target checked.
 
 Runs `kvpilot sim autoscale` with the documented settings (24 h in 3600 virtual seconds after
-one warm-up day, L4 + Llama-3.1-8B, ShareGPT-like requests, demand of 2-10 replicas plus bursts;
+two warm-up days, L4 + Llama-3.1-8B, ShareGPT-like requests, demand of 2-10 replicas plus bursts;
 each baseline swept over its main target, kvpilot at its defaults), and writes JSON, a plot and a
 markdown table to out/ (git-ignored). Prints the machine it ran on for docs/benchmarks.md.
 

@@ -553,10 +553,11 @@ class ReplicaAutoscaler:
             demand = self._demand.forecast(self.cfg.lead_time_s)
         if demand is None:
             return None
-        # What the pool serves now, or what it will serve at the lead time, whichever is more.
-        demand = max(demand, self._demand.level or 0.0)
-        # The stricter of the utilizations now and then: the demand is now's or then's.
-        u = min(self._utilization(now), self._utilization(now + self.cfg.lead_time_s))
-        per_replica = self._capacity * u
+        # What the pool serves now, or what it will serve at the lead time, whichever asks for
+        # more, each at the utilization held at its own time.
+        at = now + self.cfg.lead_time_s
+        need = max(
+            demand / self._utilization(at), (self._demand.level or 0.0) / self._utilization(now)
+        )
         # Never more than max_replicas: placeholders for replicas that may not exist waste GPUs.
-        return min(self.cfg.max_replicas, math.ceil(demand / per_replica - self.cfg.tolerance))
+        return min(self.cfg.max_replicas, math.ceil(need / self._capacity - self.cfg.tolerance))

@@ -30,6 +30,8 @@ from typing import Any
 
 # A bin's reference below this share of the profile's largest bin gives no level ratio.
 REF_FLOOR = 0.05
+# A daily peak this far above the daily mean (a quarter) or more is a whole peak (peakness).
+PEAK_RISE = 0.25
 
 
 @dataclass
@@ -131,14 +133,18 @@ class DailyProfile:
 
     def peakness(self, at: float) -> float:
         """Where the profile stands at time `at` between its daily mean (0) and its peak (1);
-        0 at or below the mean, and until a whole period has been seen."""
+        0 at or below the mean, and until a whole period has been seen. A peak less than
+        `PEAK_RISE` above the mean counts for that much less (a near-flat day has no peak to
+        guard, and rounding on a flat one must not make one)."""
         if not self.ready:
             return 0.0
         s = self.smoothed()
         mean, peak = sum(s) / len(s), max(s)
-        if peak <= mean:
-            return 0.0  # a flat day has no peak
-        return min(1.0, max(0.0, (self._at(s, at) - mean) / (peak - mean)))
+        rise = peak - mean
+        if rise <= 0:
+            return 0.0
+        weight = min(1.0, rise / (PEAK_RISE * mean))
+        return weight * min(1.0, max(0.0, (self._at(s, at) - mean) / rise))
 
     def _at(self, s: list[float], at: float) -> float:
         """The smoothed profile `s` at time `at`, between the two nearest bins."""

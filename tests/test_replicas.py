@@ -405,7 +405,9 @@ def test_the_daily_peak_holds_more_headroom_than_the_rest_of_the_day() -> None:
     )
     # peak_utilization above profile_utilization changes nothing.
     b = day(dataclasses.replace(cfg, peak_utilization=1.0), lambda t: 1000.0 + t % 9600)
-    assert b._utilization(peak) == b._utilization(morning) == pytest.approx(0.8)
+    top = 9600.0 * 2 + 9000.0  # the sawtooth's own peak (its smoothed bins' highest)
+    assert b._season is not None and b._season.peakness(top) > 0.9
+    assert b._utilization(top) == b._utilization(morning) == pytest.approx(0.8)
 
 
 def test_min_and_max_bound_the_decision() -> None:
@@ -555,6 +557,8 @@ def test_config_rejects_bad_scaling_values(tmp_path) -> None:  # noqa: ANN001
         "trend_damping_s: 0",
         "capacity_min_saturation: 1.5",
         "profile_utilization: 1.2",
+        "peak_utilization: 0",
+        "peak_utilization: 1.5",
         "spike_hold_s: -1",
     ):
         f = tmp_path / "k.yaml"

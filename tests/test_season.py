@@ -252,3 +252,7 @@ def test_peakness_runs_from_the_daily_mean_to_the_peak() -> None:
     flat = DailyProfile(DAY)
     feed(flat, 0.0, DAY + 30.0, lambda t: 2000.0)
     assert flat.peakness(DAY / 2) == 0.0
+    # A peak 2.5 % above the mean is a tenth of a peak (PEAK_RISE 0.25), not a whole one.
+    near_flat = DailyProfile(DAY)
+    feed(near_flat, 0.0, DAY + 30.0, lambda t: 2000.0 + 50.0 * math.cos(2 * math.pi * t / DAY))
+    assert near_flat.peakness(DAY) == pytest.approx(0.1, abs=0.02)
