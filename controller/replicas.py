@@ -453,14 +453,18 @@ class ReplicaAutoscaler:
         serve: what new nodes are worth (None: no day seen yet, or no capacity learned). Not
         what it asks for now: on the evening's way down that is more than the nodes would
         find to do when they come."""
-        if self._season is None or not self._profiled():
+        if not self._profiled():
             return None
+        assert self._season is not None
         at = now + self.cfg.lead_time_s
-        demand = self._season.forecast(at)
-        if demand is None:
-            return None
-        per_replica = self._capacity * self._utilization(at)
-        return math.ceil(demand / per_replica - self.cfg.tolerance)
+        return self._replicas((self._season.forecast(at) or 0.0) / self._utilization(at))
+
+    def _replicas(self, need: float) -> int:
+        """Replicas for `need`, a demand already divided by the utilization held (tokens/s at
+        saturation 1), at the learned capacity; within `tolerance` of a whole replica rounds
+        down."""
+        assert self._capacity
+        return math.ceil(need / self._capacity - self.cfg.tolerance)
 
     def _profiled(self) -> bool:
         """Whether the daily profile forecasts: a whole day seen, and a replica's capacity
@@ -545,9 +549,10 @@ class ReplicaAutoscaler:
             return None
         # The daily profile once a whole day has been seen (it knows the ramp before it
         # starts, and does not carry a burst); until then Holt's damped trend.
+        at = now + self.cfg.lead_time_s
         demand = None
         if self._season is not None:
-            demand = self._season.forecast(now + self.cfg.lead_time_s)
+            demand = self._season.forecast(at)
         self._by_profile = demand is not None
         if demand is None:
             demand = self._demand.forecast(self.cfg.lead_time_s)
@@ -555,9 +560,8 @@ class ReplicaAutoscaler:
             return None
         # What the pool serves now, or what it will serve at the lead time, whichever asks for
         # more, each at the utilization held at its own time.
-        at = now + self.cfg.lead_time_s
         need = max(
             demand / self._utilization(at), (self._demand.level or 0.0) / self._utilization(now)
         )
         # Never more than max_replicas: placeholders for replicas that may not exist waste GPUs.
-        return min(self.cfg.max_replicas, math.ceil(need / self._capacity - self.cfg.tolerance))
+        return min(self.cfg.max_replicas, self._replicas(need))
