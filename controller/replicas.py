@@ -537,7 +537,12 @@ class ReplicaAutoscaler:
         # as a replica fills (each step takes longer with a bigger batch), so a lightly loaded
         # pool (the night) reads ~15 % more tokens per unit of saturation than a replica serves
         # at 0.65, and a forecast divided by that asks too few replicas at the start of a ramp.
-        if load > 0 and tokens > 0 and load / n_fresh >= cfg.capacity_min_saturation:
+        # Nor while overloaded: past saturation 1 the waiting queue (and with it saturation)
+        # grows with the backlog while tokens/s stays at the replicas' limit; a burst's backlog
+        # once taught a simulated pool 40 % of its real capacity, and the forecast then held
+        # max_replicas all day.
+        in_band = cfg.capacity_min_saturation <= load / n_fresh <= cfg.capacity_max_saturation
+        if load > 0 and tokens > 0 and in_band:
             est = tokens / load
             if self._capacity is None:
                 self._capacity = est

@@ -155,6 +155,9 @@ class PoolScalingConfig:
     season_s: float = 86400.0  # the demand's period (a day); 0 = trend only (controller/season.py)
     capacity_tokens_per_s: float = 0.0  # one replica at saturation 1; 0 = learn it
     capacity_min_saturation: float = 0.5  # learn capacity only from replicas at least this busy
+    # ... and no busier than this: past saturation 1 the queue term grows with the backlog while
+    # tokens/s stays at the replicas' limit, so tokens per unit of saturation reads low.
+    capacity_max_saturation: float = 1.0
     capacity_learn_rate: float = 0.05  # per decision
     kind: Literal["Deployment", "StatefulSet", "LeaderWorkerSet"] = "Deployment"
     target: str = ""  # workload name; defaults to the pool name
@@ -450,6 +453,11 @@ def check_scaling(s: PoolScalingConfig, key: str) -> None:
     if not 0 <= s.capacity_min_saturation <= 1:
         raise ConfigError(
             f"{key}.capacity_min_saturation: {s.capacity_min_saturation} must be in [0, 1]"
+        )
+    if s.capacity_max_saturation <= s.capacity_min_saturation:
+        raise ConfigError(
+            f"{key}.capacity_max_saturation: {s.capacity_max_saturation} must be above "
+            f"capacity_min_saturation ({s.capacity_min_saturation})"
         )
     if not 0 <= s.trend_beta <= 1 or not 0 <= s.scale_down_tolerance < 1:
         raise ConfigError(f"{key}: trend_beta must be in [0, 1] and scale_down_tolerance in [0, 1)")

@@ -556,6 +556,7 @@ def test_config_rejects_bad_scaling_values(tmp_path) -> None:  # noqa: ANN001
         "scale_down_tolerance: 1",
         "trend_damping_s: 0",
         "capacity_min_saturation: 1.5",
+        "capacity_max_saturation: 0.4",
         "profile_utilization: 1.2",
         "peak_utilization: 0",
         "peak_utilization: 1.5",
@@ -608,6 +609,37 @@ def test_capacity_is_learned_only_from_replicas_near_the_held_utilization() -> N
     # At saturation 0.6 it learns 1000 tok/s per unit: 2400 tok/s -> 3 replicas (or one more
     # while the step from 1600 tok/s still shows in the trend).
     assert last_forecast(strict, 0.6, 2000.0) in (3, 4)
+
+
+def test_an_overloaded_pool_teaches_no_capacity() -> None:
+    # Past saturation 1 the waiting queue grows with the backlog while tokens/s stays at the
+    # replicas' limit: tokens per unit of saturation then reads a fraction of a replica's real
+    # capacity, and a forecast divided by it asks for far too many replicas.
+    cfg = dataclasses.replace(CFG, forecast=True, demand_window_s=1.0, max_replicas=50)
+
+    def run(a: ReplicaAutoscaler) -> int | None:
+        d = None
+        for step in range(40):
+            t = 1000.0 + 15 * step
+            if step < 20:  # at saturation 0.6: 600 tok/s each, so 1000 tok/s per unit
+                states = [
+                    rs(i, running=24, generation_tokens_per_s=600.0, observed_at=t)
+                    for i in range(4)
+                ]
+            else:  # a backlog: 12 waiting (saturation 3), tokens/s at the limit
+                states = [
+                    rs(i, waiting=12, running=40, generation_tokens_per_s=1000.0, observed_at=t)
+                    for i in range(4)
+                ]
+            d = a.decide(PoolObservation(4, states), t)
+        assert d is not None
+        return d.forecast
+
+    banded = run(ReplicaAutoscaler(cfg))
+    unbanded = run(ReplicaAutoscaler(dataclasses.replace(cfg, capacity_max_saturation=10.0)))
+    # 4,000 tok/s at 1,000 per replica: 4 (5 while the trend from 2,400 still shows)
+    assert banded in (4, 5)
+    assert unbanded is not None and unbanded >= 8
 
 
 # --- what a fresh autoscaler, a lowered max and a write that never happened must not do ----------
