@@ -539,8 +539,8 @@ class ReplicaAutoscaler:
         # at 0.65, and a forecast divided by that asks too few replicas at the start of a ramp.
         # Nor while overloaded: past saturation 1 the waiting queue (and with it saturation)
         # grows with the backlog while tokens/s stays at the replicas' limit; a burst's backlog
-        # once taught a simulated pool 40 % of its real capacity, and the forecast then held
-        # max_replicas all day.
+        # once taught a simulated pool a fifth of its real capacity, and the forecast then held
+        # max_replicas all day (too idle to learn it back).
         in_band = cfg.capacity_min_saturation <= load / n_fresh <= cfg.capacity_max_saturation
         if load > 0 and tokens > 0 and in_band:
             est = tokens / load
