@@ -133,7 +133,11 @@ class PoolScalingConfig:
     # of them at risk, on a pool sized most tightly (no ramp ordered ahead there).
     peak_utilization: float = 0.6
     scale_up_margin: float = 0.1  # a scale-up goes this much past the need, on the trend alone
-    scale_down_tolerance: float = 0.2  # scale down only below (1 - this) x current replicas
+    # Scale down only below (1 - this) x current replicas: fewer, larger steps down. Off by
+    # default: each replica given back as the window's maximum decays frees its node the sooner
+    # (0.2 held ~0.15 GPU-h a simulated day, for 13 actions a day against 19; the baselines
+    # take 75).
+    scale_down_tolerance: float = 0.0
     scale_up_percent: float = 100.0  # per scale_up_period_s ...
     scale_up_pods: int = 4  # ... or this many pods, whichever is larger
     scale_up_period_s: float = 15.0

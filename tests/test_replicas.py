@@ -511,6 +511,24 @@ def test_scale_down_tolerance_ignores_small_drops() -> None:
     assert d.desired == 5
 
 
+def test_by_default_a_small_drop_is_taken_once_the_window_allows() -> None:
+    # No scale-down tolerance by default: 10 -> 9 (the window's highest) goes, freeing a node.
+    cfg = dataclasses.replace(PoolScalingConfig(), max_replicas=20, forecast=False)
+    assert cfg.scale_down_tolerance == 0.0
+    a = ReplicaAutoscaler(dataclasses.replace(cfg, scale_down_stabilization_s=0))
+    # 10 replicas at saturation 28 / 48 = 0.583 against the 0.65 held: ceil(10 x 0.897) = 9.
+    d = a.decide(PoolObservation(10, [rs(i, running=28) for i in range(10)]), 1000.0)
+    assert d.desired == 9
+    # The same drop under a 20 % scale-down tolerance is held.
+    held = ReplicaAutoscaler(
+        dataclasses.replace(cfg, scale_down_stabilization_s=0, scale_down_tolerance=0.2)
+    )
+    assert (
+        held.decide(PoolObservation(10, [rs(i, running=28) for i in range(10)]), 1000.0).desired
+        == 10
+    )
+
+
 def test_ewma_smooths_in_continuous_time() -> None:
     e = Ewma(60.0)
     assert e.update(100.0, 0.0) == 100.0
