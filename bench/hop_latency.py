@@ -6,7 +6,9 @@ One keep-alive connection (`http.client`), one request at a time, against the fi
 backend directly, through the aiohttp floor (bench/aiohttp_floor.py) and through
 `kvpilot gateway` (headroom): back to back, then with `--gap-ms` of idle between requests (what a
 paced load of a few hundred req/s looks like to each process: it sleeps, then wakes up cold).
-Targets alternate round by round. Prints p50/p90/p99 per target and gap.
+Targets alternate round by round. Prints p50/p90/p99 per target and gap. `--compare DIR` also
+runs the gateway from another checkout (e.g. a `git worktree` of an earlier commit), side by
+side with this one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--gap-ms", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compare", metavar="DIR", help="also the gateway of this source tree")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="gateway.workers (the one connection meets one)"
+    )
     args = ap.parse_args()
     n = min(args.requests, 5000)
     with tempfile.TemporaryDirectory() as td, contextlib.ExitStack() as stack:
@@ -57,7 +63,7 @@ def main() -> int:
         stack.enter_context(started([PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port",
                                      str(fport), "--upstream", f"http://127.0.0.1:{bport}"], fport))  # fmt: skip
         cfg = Path(td) / "kvpilot.yaml"
-        gateway_config(cfg, gport, bport, 1)
+        gateway_config(cfg, gport, bport, args.workers)
         stack.enter_context(started([PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg),
                                      "--log-level", "WARNING"], gport))  # fmt: skip
         targets = [
@@ -65,6 +71,15 @@ def main() -> int:
             ("aiohttp floor", fport),
             ("kvpilot gateway", gport),
         ]
+        if args.compare:
+            tree = Path(args.compare).resolve()
+            cport = free_port()
+            ccfg = Path(td) / "compare.yaml"
+            gateway_config(ccfg, cport, bport, args.workers)
+            # `python -m` puts the working directory first on sys.path: that tree's packages
+            stack.enter_context(started([PY, "-m", "kvpilot.cli", "gateway", "--config", str(ccfg),
+                                         "--log-level", "WARNING"], cport, cwd=tree))  # fmt: skip
+            targets.append((f"kvpilot gateway ({tree.name})", cport))
         for _, port in targets:
             probe(port, 200, 0.0)  # warm up
         print(

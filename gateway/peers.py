@@ -67,6 +67,10 @@ SYNC_AFTER = 2
 # A change that comes within `interval_s` of the last publish goes out with the first change
 # after it, or this many intervals after that publish if no change comes (a worker gone quiet).
 FLUSH_AFTER = 3
+# Work deferred off a request's path (a publish, a read after the pick) waits two loop turns, not
+# one: on Python 3.11 aiohttp writes a request to the replica in a task of its own (eagerly only
+# from 3.12), queued after the pick, and what the pick queued with call_soon would run first and
+# hold the request back.
 
 
 Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
@@ -159,7 +163,7 @@ class PeerAccounts:
             return  # a publish is coming this loop step
         now = time.monotonic()
         if now - self._published_at >= self.interval_s:
-            self._pending = self.loop.call_soon(self._publish_pending)
+            self._pending = self.loop.call_soon(self._publish_next)
         else:
             self._flush_by(self._published_at + FLUSH_AFTER * self.interval_s)
 
@@ -176,6 +180,10 @@ class PeerAccounts:
     def _publish_flush(self) -> None:
         self._flush = None
         self.publish()
+
+    def _publish_next(self) -> None:
+        assert self.loop is not None
+        self._pending = self.loop.call_soon(self._publish_pending)  # the second turn
 
     def _publish_pending(self) -> None:
         self._pending = None
@@ -225,8 +233,12 @@ class PeerAccounts:
         if self.loop is None or age >= SYNC_AFTER * self.interval_s:
             return self.poll(now)
         if self._read_pending is None:
-            self._read_pending = self.loop.call_soon(self._poll_pending)
+            self._read_pending = self.loop.call_soon(self._poll_next)
         return set()
+
+    def _poll_next(self) -> None:
+        assert self.loop is not None
+        self._read_pending = self.loop.call_soon(self._poll_pending)  # the second turn
 
     def _poll_pending(self) -> None:
         self._read_pending = None

@@ -493,6 +493,9 @@ class Gateway:
                     )
                 else:
                     resp, out = await self._forward(url, raw, headers, rid)
+                now = time.time()
+                if not resp.prepared:  # a whole answer: on the wire before the accounting below
+                    await self._answer(request, resp)
             except UpstreamFailed as e:
                 now = time.time()
                 self.fleet.finish(replica_id, req.request_id, now, pool)
@@ -546,7 +549,6 @@ class Gateway:
                 # The client went away (cancellation) or the stream broke after its first byte.
                 self.fleet.finish(replica_id, req.request_id, time.time(), pool)
                 raise
-            now = time.time()
             self.fleet.finish(replica_id, req.request_id, now, pool)
             if not out.broken:  # a stream that broke was counted as the replica's failure
                 self.fleet.succeeded(replica_id, pool)
@@ -580,6 +582,19 @@ class Gateway:
             self.fleet.peers.changed(learned=True)
 
     # ---- forwarding ---------------------------------------------------------------------------
+
+    async def _answer(self, request: web.Request, resp: web.StreamResponse) -> None:
+        """Send a whole answer now. aiohttp would send it once the handler returns, after the
+        request's accounting, learning and metrics: that work would add to every hop's
+        latency. While draining it says Connection: close (as app.py's `closing` does for the
+        answers the handler returns)."""
+        if self.draining:
+            resp.force_close()
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client went away; aiohttp's finish_response meets the same and logs it
 
     async def _open(
         self, url: str, raw: bytes | BytesPayload, headers: list[tuple[str, str]]

@@ -147,6 +147,40 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
         assert got[-1] == {"r1": pytest.approx((0.2, 0.0))}
 
 
+async def two_turns() -> None:
+    """Let the event loop run twice: deferred peer work waits two turns (gateway/peers.py)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_deferred_work_runs_after_a_task_queued_in_the_same_step(tmp_path: Path) -> None:
+    """On Python 3.11 aiohttp sends a request from a task created after the pick (eagerly only
+    from 3.12): the publish and the read the pick deferred must not run before it."""
+    mine = {"r1": InFlight(1, 10, 1, 1, 10, 1)}
+    order: list[str] = []
+    loop = asyncio.get_running_loop()
+    a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)  # publishes at once
+    b = PeerAccounts(
+        tmp_path, 1, dict, touched=lambda r: order.append("read"), interval_s=0.01, loop=loop
+    )
+    with closing(a), closing(b):
+        t = time.time()
+        b.refresh(t)
+        a.changed()
+        b.refresh(t + 0.015)  # busy: the read is deferred
+        b.changed()  # and so is b's publish
+
+        async def send() -> None:
+            order.append("send")
+
+        task = asyncio.Task(send())  # as aiohttp 3.14 does on 3.11: not started eagerly
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await task
+        assert b._pending is None and b._read_pending is None  # both ran
+        assert order == ["send", "read"]
+
+
 async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_before(
     tmp_path: Path,
 ) -> None:
@@ -163,13 +197,13 @@ async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_bef
         assert b.refresh(t + 0.001) == set()  # within the interval: nothing to do
         assert b.refresh(t + 0.015) == set() and b.totals == {}  # busy: read after the pick
         assert b.refresh(t + 0.018) == set()  # one read pending is enough
-        await asyncio.sleep(0)
+        await two_turns()
         assert got == [{"r1"}] and b.totals == {"r1": mine["r1"]}
         mine.clear()
         a.changed()
         # idle for two intervals and more: the pick waits for the read
         assert b.refresh(time.time() + 0.03) == {"r1"} and b.totals == {}
-        await asyncio.sleep(0)
+        await two_turns()
         assert got == [{"r1"}]
 
 
@@ -219,13 +253,13 @@ async def test_a_change_soon_after_a_publish_waits_for_the_next_change_not_a_tim
     a, published = counted_publisher(tmp_path)
     with closing(a):
         a.changed()  # a request starts: published just after this step
-        await asyncio.sleep(0)
+        await two_turns()
         assert len(published) == 1
         a.changed()  # it ends at once: not yet
         await asyncio.sleep(0.08)  # past the interval, short of FLUSH_AFTER intervals
         assert len(published) == 1
         a.changed()  # the next request: both go out now
-        await asyncio.sleep(0)
+        await two_turns()
         assert len(published) == 2
         a.changed()
         await asyncio.sleep(FLUSH_AFTER * 0.05 + 0.05)  # no further change: the flush

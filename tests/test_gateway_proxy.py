@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -620,6 +622,41 @@ async def test_requests_sharing_a_client_request_id_are_accounted_apart() -> Non
         for out in await asyncio.gather(*tasks):
             assert out.endswith(b"data: [DONE]\n\n")
         assert await inflight() == 0
+
+
+async def test_a_whole_answer_reaches_the_client_before_the_accounting() -> None:
+    """The gateway sends a non-streamed answer before it accounts, learns and counts: that
+    bookkeeping is off the hop's latency. Here it blocks the event loop until the client (in a
+    thread) has read the whole answer, which it can only do if the answer was sent first."""
+    got = threading.Event()
+
+    def fetch(port: int) -> bytes:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = orjson.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 4})
+        c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        data = c.getresponse().read()
+        got.set()
+        c.close()
+        return data
+
+    async with running("ok") as (up,):
+        runner, base = await start_gateway(config([up.url]), port=0)
+        try:
+            fleet = runner.app[GATEWAY].fleet
+            succeeded = fleet.succeeded
+            seen: list[bool] = []
+
+            def held(replica_id: str, pool: str) -> None:
+                seen.append(got.wait(5))  # blocks the gateway's loop, as slow accounting would
+                succeeded(replica_id, pool)
+
+            fleet.succeeded = held  # type: ignore[method-assign]
+            port = int(base.removesuffix("/v1").rsplit(":", 1)[1])
+            data = await asyncio.to_thread(fetch, port)
+        finally:
+            await runner.cleanup()
+    assert b"r0" in data
+    assert seen == [True]
 
 
 # ---- bad input -----------------------------------------------------------------------------
