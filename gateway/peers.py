@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from gateway.inflight import EMPTY, InFlight, add
+from gateway.inflight import EMPTY, InFlight
 from gateway.ring import RingReader, RingWriter, sized_file
 from gateway.ring import create as create_ring
 
@@ -77,6 +77,9 @@ Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_t
 # picks to pass on: (pool, replica id, block hashes, the policy's note)
 Prefixes = list[tuple[str, str, tuple[int, ...], tuple[float, ...]]]
 Picks = list[tuple[str, tuple[int, ...], tuple[float, ...]]]
+
+
+ROW_FIELDS = 6
 
 
 def _row(f: InFlight) -> list[int]:
@@ -130,9 +133,10 @@ class PeerAccounts:
             self._own = mmap.mmap(f.fileno(), FILE_BYTES)
         self._ring = RingWriter(path.with_name(f"{self.name}.prefix"), RING_BYTES)
         self._seq = 0
+        self._written = b""  # the payload last written, not written again
         self._write(b'{"f": {}, "l": {}}')
-        # peer -> (its mapping, the seq and payload last read, its totals then)
-        self._peers: dict[str, tuple[mmap.mmap, int, bytes, dict[str, InFlight]]] = {}
+        # peer -> (its mapping, the seq and payload last read, its rows then: `_row` lists)
+        self._peers: dict[str, tuple[mmap.mmap, int, bytes, dict[str, list[int]]]] = {}
         self._listed_at = -1e18
         self._read_at = -1e18
         self._published_at = -1e18
@@ -208,7 +212,9 @@ class PeerAccounts:
                 out["l"] = {pool: [ep, d] for pool, (ep, d) in self.learned().items() if d}
             else:  # with the first publish after `due`, or on its own then
                 self._flush_by(due)
-        self._write(orjson.dumps(out))
+        payload = orjson.dumps(out)
+        if payload != self._written:  # the same bytes (a request came and went): peers skip it
+            self._write(payload)
 
     def _write(self, payload: bytes) -> None:
         if len(payload) > FILE_BYTES - HEADER.size:
@@ -221,6 +227,7 @@ class PeerAccounts:
         self._own[HEADER.size : HEADER.size + len(payload)] = payload
         self._seq += 1
         HEADER.pack_into(self._own, 0, self._seq, len(payload))
+        self._written = payload
 
     # ---- reading the peers' ---------------------------------------------------------------------
 
@@ -271,7 +278,10 @@ class PeerAccounts:
                 continue
             try:
                 data = orjson.loads(raw)
-                new = {rid: InFlight(*row) for rid, row in data["f"].items()}
+                new = data["f"]
+                # rows stay lists (no InFlight per peer and read): summed once, below
+                if any(len(row) != ROW_FIELDS for row in new.values()):
+                    continue
             except (orjson.JSONDecodeError, TypeError, AttributeError, KeyError):
                 continue
             if new != rows:
@@ -283,11 +293,16 @@ class PeerAccounts:
             self._apply_prefixes(reader.read())
         if not changed:
             return set()
-        totals: dict[str, InFlight] = {}
+        sums: dict[str, list[int]] = {}
         for _, _, _, rows in self._peers.values():
-            for rid, f in rows.items():
-                t = totals.get(rid)
-                totals[rid] = f if t is None else add(t, f)
+            for rid, row in rows.items():
+                t = sums.get(rid)
+                if t is None:
+                    sums[rid] = row.copy()  # summed into in place below: not the peer's own
+                else:
+                    for i in range(ROW_FIELDS):
+                        t[i] += row[i]
+        totals = {rid: InFlight(*row) for rid, row in sums.items()}
         touched = {
             rid
             for rid in totals.keys() | self.totals.keys()
