@@ -170,6 +170,18 @@ class _Outcome:
     tpot_s: float | None = None
     usage: Mapping[str, Any] | None = None
     broken: bool = False  # a stream that ended with an SSE error event (not a success)
+    # a whole answer that reports usage: parsed for it once the answer has been sent
+    answer: bytes | None = None
+
+    def reported_usage(self) -> Mapping[str, Any] | None:
+        if self.answer is None:
+            return self.usage
+        try:
+            parsed = orjson.loads(self.answer)
+        except orjson.JSONDecodeError:
+            return None
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        return usage if isinstance(usage, dict) else None
 
 
 class Gateway:
@@ -572,7 +584,7 @@ class Gateway:
             metrics.child(metrics.TPOT, pool, model).observe(out.tpot_s)
         if out.status != 200:
             return
-        usage = out.usage
+        usage = out.reported_usage()
         if usage:
             pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(pt, int) and isinstance(ct, int):
@@ -638,15 +650,10 @@ class Gateway:
         finally:
             if resp is not None:
                 resp.release()
-        usage = None
-        if resp.status == 200 and b'"usage"' in data:  # parse only what the estimator learns from
-            try:
-                parsed = orjson.loads(data)
-                usage = parsed.get("usage") if isinstance(parsed, dict) else None
-            except orjson.JSONDecodeError:
-                usage = None
         out = web.Response(status=resp.status, body=data, headers=downstream_headers(resp, rid))
-        return out, _Outcome(resp.status, usage=usage if isinstance(usage, dict) else None)
+        # parsed only for what the estimator learns from, and only after it was sent
+        answer = data if resp.status == 200 and b'"usage"' in data else None
+        return out, _Outcome(resp.status, answer=answer)
 
     async def _relay_stream(
         self,

@@ -659,6 +659,24 @@ async def test_a_whole_answer_reaches_the_client_before_the_accounting() -> None
     assert seen == [True]
 
 
+async def test_the_usage_of_a_whole_answer_calibrates_the_estimator() -> None:
+    """Read after the answer went out: the upstream's usage (5 prompt tokens) teaches the
+    gateway how many characters make a token for this model."""
+    async with running("ok") as (up,):
+        runner, base = await start_gateway(config([up.url]), port=0)
+        try:
+            estimator = runner.app[GATEWAY].estimator
+            prior = estimator.tokens_per_char(MODEL)
+            client = openai.AsyncOpenAI(base_url=base, api_key="none")
+            for _ in range(3):
+                await client.completions.create(model=MODEL, prompt="x" * 40, max_tokens=4)
+            await client.close()
+        finally:
+            await runner.cleanup()
+    assert prior != pytest.approx(5 / 40)
+    assert estimator.tokens_per_char(MODEL) == pytest.approx(5 / 40)
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 
