@@ -30,6 +30,7 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import time
 from array import array
 from collections.abc import Callable
@@ -67,10 +68,12 @@ SYNC_AFTER = 2
 # A change that comes within `interval_s` of the last publish goes out with the first change
 # after it, or this many intervals after that publish if no change comes (a worker gone quiet).
 FLUSH_AFTER = 3
-# Work deferred off a request's path (a publish, a read after the pick) waits two loop turns, not
-# one: on Python 3.11 aiohttp writes a request to the replica in a task of its own (eagerly only
-# from 3.12), queued after the pick, and what the pick queued with call_soon would run first and
-# hold the request back.
+# Work deferred off a request's path (a publish, a read after the pick) waits two loop turns on
+# Python 3.11: there aiohttp writes a request to the replica in a task of its own, queued after
+# the pick, and what the pick queued with call_soon would run first and hold the request back.
+# From 3.12 aiohttp starts that task eagerly (the request has left when the pick's handler
+# yields), and one turn saves the extra poll of the event loop a second turn costs.
+TWO_TURNS = sys.version_info < (3, 12)
 
 
 Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
@@ -167,7 +170,8 @@ class PeerAccounts:
             return  # a publish is coming this loop step
         now = time.monotonic()
         if now - self._published_at >= self.interval_s:
-            self._pending = self.loop.call_soon(self._publish_next)
+            then = self._publish_next if TWO_TURNS else self._publish_pending
+            self._pending = self.loop.call_soon(then)
         else:
             self._flush_by(self._published_at + FLUSH_AFTER * self.interval_s)
 
@@ -240,7 +244,8 @@ class PeerAccounts:
         if self.loop is None or age >= SYNC_AFTER * self.interval_s:
             return self.poll(now)
         if self._read_pending is None:
-            self._read_pending = self.loop.call_soon(self._poll_next)
+            then = self._poll_next if TWO_TURNS else self._poll_pending
+            self._read_pending = self.loop.call_soon(then)
         return set()
 
     def _poll_next(self) -> None:
