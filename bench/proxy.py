@@ -4,6 +4,7 @@
                                     [--threads 1] [--backend-processes 1] [--unshared]
                                     [--runs max,paced,stream] [--paced-duration S]
                                     [--skip single,floor,floors,vllm-router,nginx]
+                                    [--compare DIR]
 
 Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
 that the machine's load drifts over all of them alike): the backend itself
@@ -24,7 +25,10 @@ each repetition. Every run is bounded by `--duration` seconds (at most 15; the p
 `--paced-duration`, default the same: a p99 from 4 s at 1,000 req/s rests on its 40 slowest
 requests). `--runs` and `--skip` narrow a run to what is being re-measured. On a many-core
 machine give wrk `--threads` and the backend `--backend-processes` so that neither caps the
-proxies (the defaults, 1 and 1, suit a 2-core box).
+proxies (the defaults, 1 and 1, suit a 2-core box). `--compare DIR` runs every gateway also from
+another checkout (e.g. `git worktree add .ab/base HEAD~3`, a path that travels to a lent machine
+with `carry`), side by side on the same host: the only fair A/B of a change, since hosts differ
+more than most changes do.
 """
 
 from __future__ import annotations
@@ -263,6 +267,7 @@ def main() -> int:
         "floors (the floors with as many processes as each multi-worker gateway), vllm-router, "
         "nginx (comma list)"
     )  # fmt: skip
+    ap.add_argument("--compare", metavar="DIR", help="also every gateway from this source tree")
     args = ap.parse_args()
     duration = min(args.duration, 15)
     paced_duration = min(args.paced_duration or args.duration, 15)
@@ -291,6 +296,7 @@ def main() -> int:
         backend_cmd = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
         backend_cmd += ["--chunks", str(args.chunks), "--processes", str(args.backend_processes)]
         commands: list[tuple[str, list[str], int, bool]] = []
+        cwd: dict[str, Path] = {}  # targets run from another tree (`python -m` puts it first)
         gateways = [(1, None)]
         for w in (w for w in map(int, args.workers.split(",")) if w > 1):
             gateways += [(w, None)] + ([(w, 0.0)] if args.unshared else [])
@@ -302,6 +308,15 @@ def main() -> int:
             name = name.replace(")", ", unshared)") if sync == 0.0 else name
             cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
             commands.append((name, [*cmd, "--log-level", "WARNING"], gport, True))
+            if args.compare:
+                tree = Path(args.compare).resolve()
+                cport = free_port()
+                ccfg = tmp / f"compare-{w}-{sync}.yaml"
+                gateway_config(ccfg, cport, bport, w, sync)
+                cname = f"{name} [{tree.name}]"
+                cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(ccfg)]
+                commands.append((cname, [*cmd, "--log-level", "WARNING"], cport, True))
+                cwd[cname] = tree
         for w in [1] + sorted({w for w, _ in gateways if w > 1}):
             # The floor beside each gateway size: a 16-worker gateway against a one-process
             # floor would credit the floor's tail to kvpilot's work (or the reverse).
@@ -329,13 +344,13 @@ def main() -> int:
         left_out = {SKIPPABLE[k] for k in skip}
         if "floors" in skip:
             left_out |= {c[0] for c in commands if c[0].endswith(" processes)")}
-        commands = [c for c in commands if c[0] not in left_out]
+        commands = [c for c in commands if c[0].split(" [")[0] not in left_out]
 
         backend = stack.enter_context(started(backend_cmd, bport))
         targets: list[tuple[str, int, int, bool]] = [("backend (direct)", bport, backend.pid, True)]
         for name, cmd, port, streams in commands:
             try:
-                proc = stack.enter_context(started(cmd, port))
+                proc = stack.enter_context(started(cmd, port, cwd=cwd.get(name)))
             except RuntimeError as e:
                 notes.append(f"{name}: failed to start ({e})")
                 continue
@@ -414,6 +429,20 @@ def main() -> int:
                 + ", ".join(f"{x:.2f}x" for x in ratios)
                 + f"; median {statistics.median(ratios):.2f}x"
             )
+    for other in (n for n in names if " [" in n):  # --compare: each pair, repetition by repetition
+        this = other.split(" [")[0]
+        for kind in ("max", "paced"):
+            a, b = results.get((this, kind), []), results.get((other, kind), [])
+            if a and len(a) == len(b):
+                pairs = list(zip(a, b, strict=True))
+                print(
+                    f"\n{this} against {other}, {kind}, per repetition: p50 "
+                    + ", ".join(f"{x.p50_ms - y.p50_ms:+.2f}" for x, y in pairs)
+                    + " ms; p99 "
+                    + ", ".join(f"{x.p99_ms - y.p99_ms:+.2f}" for x, y in pairs)
+                    + " ms; CPU per request "
+                    + ", ".join(f"{x.cpu_us / y.cpu_us:.2f}x" for x, y in pairs)
+                )
     for n in notes:
         print(f"note: {n}")
     return 0

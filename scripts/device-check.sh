@@ -6,6 +6,9 @@
 #   4. issue 4's proxy comparison with gateway workers on 16 cores (bench/proxy.py).
 # DEVICE_STEPS picks among them (default: "gpu routing autoscale proxy"); PROXY_ARGS adds
 # bench/proxy.py options (e.g. "--unshared --runs max,paced --paced-duration 10 --skip nginx").
+# To A/B a change on the same host, unpack the earlier commit into the git-ignored .ab/
+# (`mkdir -p .ab/base && git archive BASE | tar -x -C .ab/base`), carry ".ab" too, and add
+# "--compare .ab/base" to PROXY_ARGS: every gateway then also runs from that tree.
 # Results go to $OUT (default out/device): seven files — logs, the two markdown reports, and
 # results.tar.gz with everything (JSON, plots); the raw outputs are written under $WORK first.
 # Wheels the machine lacks (orjson, pytest-asyncio; vllm-router and its fastapi/uvicorn for step
