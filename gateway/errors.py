@@ -6,11 +6,18 @@ HTTP status; keeping that shape means a client's own retry and error handling ju
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import orjson
 from aiohttp import web
 
+if TYPE_CHECKING:
+    from gateway.estimate import RequestFeatures
+
 # The code of a request larger than any replica's context or KV cache (vLLM's and OpenAI's).
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+# The code of a request the gateway ends because it is shutting down.
+SHUTTING_DOWN = "gateway_shutting_down"
 
 
 class GatewayError(Exception):
@@ -109,3 +116,39 @@ def overloaded(message: str, retry_after_s: float, code: str = "queue_full") -> 
 
 def upstream_failed(message: str) -> GatewayError:
     return GatewayError(502, message, "upstream_error", None, "upstream_failed")
+
+
+def context_length_exceeded(req: RequestFeatures, pool: str, largest: float) -> GatewayError:
+    """The request can never fit: vLLM's (and OpenAI's) answer to a context that is too long."""
+    need = req.prompt_tokens + req.expected_output_tokens
+    return GatewayError(
+        400,
+        f"This request needs about {need} tokens of KV cache ({req.prompt_tokens} in the prompt, "
+        f"{req.expected_output_tokens} in the completion), more than the whole cache of any "
+        f"replica of pool {pool!r} holds ({int(largest)} tokens). Please reduce the length of "
+        "the messages or completion.",
+        "invalid_request_error",
+        None,
+        CONTEXT_LENGTH_EXCEEDED,
+    )
+
+
+def upstream_timeout(limit_s: float) -> GatewayError:
+    return GatewayError(
+        504,
+        f"The model server did not answer within {limit_s:g} s (gateway.first_byte_timeout_s). "
+        "For long generations use stream=true, or ask the operator to raise the limit.",
+        "upstream_error",
+        None,
+        "upstream_timeout",
+    )
+
+
+def shutting_down() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway is shutting down; please retry the request.",
+        "server_error",
+        None,
+        SHUTTING_DOWN,
+    )

@@ -38,13 +38,21 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.payload import BytesPayload
-from multidict import MultiMapping
 
 from gateway import errors, metrics
+from gateway.body import parse_body
 from gateway.deadline import Deadline
-from gateway.errors import CONTEXT_LENGTH_EXCEEDED, GatewayError
+from gateway.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    SHUTTING_DOWN,
+    GatewayError,
+    context_length_exceeded,
+    shutting_down,
+    upstream_timeout,
+)
 from gateway.estimate import Estimator, RequestFeatures, prompt_text
 from gateway.fleet import Fleet
+from gateway.headers import downstream_headers, upstream_headers
 from gateway.picker import Decision, Policy, RateSeed, make_policy, rate_seed_for
 from gateway.policy import EXCEEDS_KV
 from gateway.queue import PoolQueue
@@ -52,28 +60,6 @@ from kvpilot.config import Config, GatewayConfig, PoolConfig
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 7.6.1 hop-by-hop headers (and those the Connection header names, see _dropped), plus
-# those aiohttp sets itself for the new connection.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-_DROP_UP = HOP_BY_HOP | {"x-request-id"}
-_DROP_UP_AUTH = _DROP_UP | {"authorization"}  # the key was for the gateway, not the model server
-_DROP_DOWN = HOP_BY_HOP | {"x-request-id", "date", "server"}  # aiohttp sets date and server
-# Connection header values that name no header beyond the fixed hop-by-hop ones (the usual ones)
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 PRIORITY_HEADER = "x-kvpilot-priority"
 RETRIABLE_STATUS = frozenset({502, 503, 504})
 
@@ -875,45 +861,6 @@ class Gateway:
             ) from None
 
 
-SHUTTING_DOWN = "gateway_shutting_down"
-
-
-def context_length_exceeded(req: RequestFeatures, pool: str, largest: float) -> GatewayError:
-    """The request can never fit: vLLM's (and OpenAI's) answer to a context that is too long."""
-    need = req.prompt_tokens + req.expected_output_tokens
-    return GatewayError(
-        400,
-        f"This request needs about {need} tokens of KV cache ({req.prompt_tokens} in the prompt, "
-        f"{req.expected_output_tokens} in the completion), more than the whole cache of any "
-        f"replica of pool {pool!r} holds ({int(largest)} tokens). Please reduce the length of "
-        "the messages or completion.",
-        "invalid_request_error",
-        None,
-        CONTEXT_LENGTH_EXCEEDED,
-    )
-
-
-def upstream_timeout(limit_s: float) -> GatewayError:
-    return GatewayError(
-        504,
-        f"The model server did not answer within {limit_s:g} s (gateway.first_byte_timeout_s). "
-        "For long generations use stream=true, or ask the operator to raise the limit.",
-        "upstream_error",
-        None,
-        "upstream_timeout",
-    )
-
-
-def shutting_down() -> GatewayError:
-    return GatewayError(
-        503,
-        "The gateway is shutting down; please retry the request.",
-        "server_error",
-        None,
-        SHUTTING_DOWN,
-    )
-
-
 def policy_options(name: str, gw: GatewayConfig) -> dict[str, Any]:
     """`make_policy` keyword settings from the config: headroom's SLO and whether it holds
     requests when no replica can meet them; the other policies take none."""
@@ -951,96 +898,6 @@ def _parked(conn: Any) -> bool:
     parks on `_waiter`; without that attribute (another aiohttp) no connection is cut early."""
     waiter = getattr(conn, "_waiter", None)
     return waiter is not None and not waiter.done()
-
-
-def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
-    """Parse and type-check the fields the gateway reads; the model server checks the rest."""
-    if not raw:
-        raise errors.bad_request("The request body is empty; expected a JSON object.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise errors.bad_request("The request body must be a JSON object.")
-    model = body.get("model")
-    if model is None:
-        raise errors.bad_request(
-            "You must provide a model parameter.", "model", "missing_required_parameter"
-        )
-    if not isinstance(model, str) or not model:
-        raise errors.bad_request("`model` must be a non-empty string.", "model", "invalid_type")
-    if endpoint == "chat/completions":
-        msgs = body.get("messages")
-        if msgs is None:
-            raise errors.bad_request(
-                "You must provide a messages parameter.", "messages", "missing_required_parameter"
-            )
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise errors.bad_request(
-                "`messages` must be a non-empty array of message objects.",
-                "messages",
-                "invalid_type",
-            )
-    else:
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise errors.bad_request(
-                "You must provide a prompt parameter.", "prompt", "missing_required_parameter"
-            )
-        if not _valid_prompt(prompt):
-            raise errors.bad_request(
-                "`prompt` must be a string, an array of strings, or token ids.",
-                "prompt",
-                "invalid_type",
-            )
-    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
-        raise errors.bad_request("`stream` must be a boolean.", "stream", "invalid_type")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
-        v = body.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise errors.bad_request(f"`{key}` must be a positive integer.", key, "invalid_type")
-    return body
-
-
-def _valid_prompt(p: Any) -> bool:
-    if isinstance(p, str):
-        return True
-    if isinstance(p, list) and p:
-        return (
-            all(isinstance(x, str) for x in p)
-            or all(isinstance(x, int) and not isinstance(x, bool) for x in p)
-            or all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in p)
-        )
-    return False
-
-
-def _dropped(connection: str, drop: frozenset[str]) -> frozenset[str]:
-    """`drop` plus the headers a Connection header names: hop-by-hop too (RFC 9110 7.6.1)."""
-    named = {t.strip().lower() for t in connection.split(",")}
-    return drop if named <= drop else drop | named
-
-
-def upstream_headers(h: MultiMapping[str], rid: str, *, strip_auth: bool) -> list[tuple[str, str]]:
-    """The client's headers for the replica: hop-by-hop ones, the gateway's key and its
-    x-request-id left out, ours added."""
-    drop = _DROP_UP_AUTH if strip_auth else _DROP_UP
-    connection = ",".join(h.getall("Connection", ()))  # every Connection header names some
-    if connection and connection.lower() not in _PLAIN_CONNECTION:
-        drop = _dropped(connection, drop)
-    out = [(k, v) for k, v in h.items() if k.lower() not in drop]
-    out.append(("x-request-id", rid))
-    return out
-
-
-def downstream_headers(resp: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
-    drop = _DROP_DOWN
-    connection = ",".join(resp.headers.getall("Connection", ()))
-    if connection and connection.lower() not in _PLAIN_CONNECTION:
-        drop = _dropped(connection, drop)
-    out = {k: v for k, v in resp.headers.items() if k.lower() not in drop}
-    out["x-request-id"] = rid
-    return out
 
 
 def _sse_usage(chunk: bytes) -> dict[str, Any] | None:

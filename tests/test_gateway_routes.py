@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.app import run_gateway
-from gateway.proxy import downstream_headers, upstream_headers
+from gateway.headers import downstream_headers, upstream_headers
 from tests.test_gateway_proxy import MODEL, Upstream, config, running, sample
 
 
