@@ -10,10 +10,12 @@ replica got and the TTFT the clients saw. The two are alternated `--repeat` time
 
     .venv/bin/python bench/gateway_workers.py [--rate 8] [--duration 40] [--workers 2]
         [--fleet h100,l4,l4] [--policy headroom] [--reference round-robin] [--repeat 2]
-        [--states scrape|agent] [--peer-sync S] [--prefixes K]
+        [--states scrape|agent] [--peer-sync S] [--prefixes K] [--fail-open]
 
 The workers share their in-flight totals every `gateway.peer_sync_s` (gateway/peers.py);
-`--peer-sync 0` shows what routing looks like without that.
+`--peer-sync 0` shows what routing looks like without that. `--fail-open` sets
+`gateway.queue_when_saturated: false`: beyond the fleet's capacity each worker otherwise holds
+requests in a saturation queue of its own (what that split costs, against the engines' queues).
 
 Requests: completions with random token-id prompts of 256-2,048 tokens, 32 output tokens
 (`ignore_eos`), streamed; Poisson arrivals. Time scale 1 (real time), so TTFT is in engine seconds
@@ -164,6 +166,11 @@ def main() -> int:
         default=None,
         help="gateway.peer_sync_s for the workers (default: the config's; 0: no shared totals)",
     )
+    ap.add_argument(
+        "--fail-open",
+        action="store_true",
+        help="gateway.queue_when_saturated: false (no holding at the gateway when saturated)",
+    )
     args = ap.parse_args()
     duration = min(args.duration, 120.0)
     trace = make_trace(args.rate, duration, args.seed, args.prefixes)
@@ -191,6 +198,8 @@ def main() -> int:
             states = f"  agents: [http://127.0.0.1:{aport}]\n  scrape_fallback: false\n"
         if args.peer_sync is not None:
             states += f"  peer_sync_s: {args.peer_sync}\n"
+        if args.fail_open:
+            states += "  queue_when_saturated: false\n"
         for policy, workers in runs:
             gport = free_port()
             cfg = Path(td) / f"gw-{policy}-{workers}.yaml"
@@ -217,7 +226,9 @@ def main() -> int:
         f"{len(trace)} requests, Poisson {args.rate} req/s over {duration:.0f} s, prompts 256-2048 "
         f"tokens, 32 out; fleet {args.fleet} ({MODEL}, emulated, real time); states by "
         f"{args.states}; peer_sync_s {'default' if args.peer_sync is None else args.peer_sync}; "
-        f"{args.prefixes} shared prefixes\n"
+        f"{args.prefixes} shared prefixes"
+        + ("; fail open (no gateway queue)" if args.fail_open else "")
+        + "\n"
     )
     head = " | ".join(names[u] for u in urls)
     print(
