@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy import MODEL, PY, ROOT, free_port, gateway_config, started  # noqa: E402
+from proxy import MODEL, PY, ROOT, free_port, gateway_command, gateway_config, started  # noqa: E402
 
 BODY = f'{{"model": "{MODEL}", "prompt": "The quick brown fox", "max_tokens": 16}}'
 
@@ -57,29 +57,22 @@ def main() -> int:
     args = ap.parse_args()
     n = min(args.requests, 5000)
     with tempfile.TemporaryDirectory() as td, contextlib.ExitStack() as stack:
-        bport, fport, gport = free_port(), free_port(), free_port()
+        bport, fport = free_port(), free_port()
         stack.enter_context(started([PY, str(ROOT / "bench" / "fixed_backend.py"),
                                      "--port", str(bport)], bport))  # fmt: skip
         stack.enter_context(started([PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port",
                                      str(fport), "--upstream", f"http://127.0.0.1:{bport}"], fport))  # fmt: skip
-        cfg = Path(td) / "kvpilot.yaml"
-        gateway_config(cfg, gport, bport, args.workers)
-        stack.enter_context(started([PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg),
-                                     "--log-level", "WARNING"], gport))  # fmt: skip
-        targets = [
-            ("backend (direct)", bport),
-            ("aiohttp floor", fport),
-            ("kvpilot gateway", gport),
-        ]
+        targets = [("backend (direct)", bport), ("aiohttp floor", fport)]
+        trees = [("kvpilot gateway", None)]
         if args.compare:
             tree = Path(args.compare).resolve()
-            cport = free_port()
-            ccfg = Path(td) / "compare.yaml"
-            gateway_config(ccfg, cport, bport, args.workers)
-            # `python -m` puts the working directory first on sys.path: that tree's packages
-            stack.enter_context(started([PY, "-m", "kvpilot.cli", "gateway", "--config", str(ccfg),
-                                         "--log-level", "WARNING"], cport, cwd=tree))  # fmt: skip
-            targets.append((f"kvpilot gateway ({tree.name})", cport))
+            trees.append((f"kvpilot gateway ({tree.name})", tree))
+        for i, (name, cwd) in enumerate(trees):
+            port = free_port()
+            cfg = Path(td) / f"kvpilot-{i}.yaml"
+            gateway_config(cfg, port, bport, args.workers)
+            stack.enter_context(started(gateway_command(cfg), port, cwd=cwd))
+            targets.append((name, port))
         for _, port in targets:
             probe(port, 200, 0.0)  # warm up
         print(

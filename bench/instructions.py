@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hop_latency import probe  # noqa: E402
-from proxy import PY, ROOT, free_port, gateway_config, started  # noqa: E402
+from proxy import PY, ROOT, free_port, gateway_command, gateway_config, started  # noqa: E402
 
 
 def count(cmd: list[str], port: int, n: int, out: Path) -> int:
@@ -64,8 +64,7 @@ def main() -> int:
         cfg = tmp / "kvpilot.yaml"
         gateway_config(cfg, gport, bport, 1)
         targets = [
-            ("kvpilot gateway", [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg),
-                                 "--log-level", "WARNING"], gport),
+            ("kvpilot gateway", gateway_command(cfg), gport),
             ("aiohttp floor", [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport),
                                "--upstream", f"http://127.0.0.1:{bport}"], fport),
         ]  # fmt: skip

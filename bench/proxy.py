@@ -218,6 +218,12 @@ http {{
     return conf
 
 
+def gateway_command(cfg: Path) -> list[str]:
+    """`kvpilot gateway` on `cfg`, quiet. Run with `cwd=TREE` it is that tree's gateway:
+    `python -m` puts the working directory first on sys.path."""
+    return [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg), "--log-level", "WARNING"]
+
+
 def gateway_config(
     path: Path, port: int, backend: int, workers: int, peer_sync_s: float | None = None
 ) -> None:
@@ -296,7 +302,8 @@ def main() -> int:
         backend_cmd = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
         backend_cmd += ["--chunks", str(args.chunks), "--processes", str(args.backend_processes)]
         commands: list[tuple[str, list[str], int, bool]] = []
-        cwd: dict[str, Path] = {}  # targets run from another tree (`python -m` puts it first)
+        tree = Path(args.compare).resolve() if args.compare else None
+        twins: dict[str, str] = {}  # --compare: a gateway run from `tree` -> the one it mirrors
         gateways = [(1, None)]
         for w in (w for w in map(int, args.workers.split(",")) if w > 1):
             gateways += [(w, None)] + ([(w, 0.0)] if args.unshared else [])
@@ -306,17 +313,13 @@ def main() -> int:
             gateway_config(cfg, gport, bport, w, sync)
             name = "kvpilot gateway" + (f" ({w} workers)" if w > 1 else "")
             name = name.replace(")", ", unshared)") if sync == 0.0 else name
-            cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
-            commands.append((name, [*cmd, "--log-level", "WARNING"], gport, True))
-            if args.compare:
-                tree = Path(args.compare).resolve()
+            commands.append((name, gateway_command(cfg), gport, True))
+            if tree is not None:
                 cport = free_port()
                 ccfg = tmp / f"compare-{w}-{sync}.yaml"
                 gateway_config(ccfg, cport, bport, w, sync)
-                cname = f"{name} [{tree.name}]"
-                cmd = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(ccfg)]
-                commands.append((cname, [*cmd, "--log-level", "WARNING"], cport, True))
-                cwd[cname] = tree
+                twins[f"{name} [{tree.name}]"] = name
+                commands.append((f"{name} [{tree.name}]", gateway_command(ccfg), cport, True))
         for w in [1] + sorted({w for w, _ in gateways if w > 1}):
             # The floor beside each gateway size: a 16-worker gateway against a one-process
             # floor would credit the floor's tail to kvpilot's work (or the reverse).
@@ -344,13 +347,13 @@ def main() -> int:
         left_out = {SKIPPABLE[k] for k in skip}
         if "floors" in skip:
             left_out |= {c[0] for c in commands if c[0].endswith(" processes)")}
-        commands = [c for c in commands if c[0].split(" [")[0] not in left_out]
+        commands = [c for c in commands if twins.get(c[0], c[0]) not in left_out]
 
         backend = stack.enter_context(started(backend_cmd, bport))
         targets: list[tuple[str, int, int, bool]] = [("backend (direct)", bport, backend.pid, True)]
         for name, cmd, port, streams in commands:
             try:
-                proc = stack.enter_context(started(cmd, port, cwd=cwd.get(name)))
+                proc = stack.enter_context(started(cmd, port, cwd=tree if name in twins else None))
             except RuntimeError as e:
                 notes.append(f"{name}: failed to start ({e})")
                 continue
@@ -429,8 +432,7 @@ def main() -> int:
                 + ", ".join(f"{x:.2f}x" for x in ratios)
                 + f"; median {statistics.median(ratios):.2f}x"
             )
-    for other in (n for n in names if " [" in n):  # --compare: each pair, repetition by repetition
-        this = other.split(" [")[0]
+    for other, this in twins.items():  # --compare: each pair, repetition by repetition
         for kind in ("max", "paced"):
             a, b = results.get((this, kind), []), results.get((other, kind), [])
             if a and len(a) == len(b):

@@ -82,7 +82,7 @@ Prefixes = list[tuple[str, str, tuple[int, ...], tuple[float, ...]]]
 Picks = list[tuple[str, tuple[int, ...], tuple[float, ...]]]
 
 
-ROW_FIELDS = 6
+ROW_FIELDS = len(InFlight.__slots__)  # the numbers a published row holds (`_row`)
 
 
 def _row(f: InFlight) -> list[int]:
