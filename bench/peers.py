@@ -1,17 +1,23 @@
 """What a gateway worker pays to read its peers' shared files (gateway/peers.py), per read.
 
-    .venv/bin/python bench/peers.py [--workers 12] [--replicas 1] [--reads 2000]
+    .venv/bin/python bench/peers.py [--workers 12] [--replicas 1] [--reads 2000] [--instructions]
 
 `--workers` PeerAccounts over real mmap'd files in a temporary directory; one of them reads the
 others' (`_read`, what `refresh` does before or just after a pick) in three cases: every peer
 published new totals since the last read; every peer rewrote the bytes it had (a request came and
 went between two reads: the common case at high rates with short requests); nothing was written.
-Also the cost of one publish. Wall time per operation, mean over `--reads`.
+Also the cost of one publish. Wall time per operation, mean over `--reads`. `--instructions`
+counts instead, with valgrind's callgrind (noise-free, for an A/B on a shared box), the
+user-space instructions of one read in the first case: the loop of publishes and reads run
+once, less the same loop without the reads, over `--reads`.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +34,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--reads", type=int, default=2000)
+    ap.add_argument("--instructions", action="store_true", help="count them (callgrind)")
+    ap.add_argument("--only", choices=("read", "publish"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.instructions:
+        return instructions(args.workers, args.replicas, args.reads)
     n, r = args.reads, args.replicas
     with tempfile.TemporaryDirectory() as d:
         rows: dict[int, dict[str, InFlight]] = {}
@@ -51,8 +61,13 @@ def main() -> int:
                 o.publish()
                 publish += time.perf_counter() - t
             t = time.perf_counter()
-            me._read(clock())
+            if args.only != "publish":
+                me._read(clock())
             changed += time.perf_counter() - t
+        if args.only:  # one case under callgrind (`instructions`): nothing more to run
+            for a in accts:
+                a.close()
+            return 0
         for o in others:
             rows.clear()
             o.publish()
@@ -76,6 +91,27 @@ def main() -> int:
     print(f"| every peer rewrote the same bytes | {1e6 * same / n:.1f} |")
     print(f"| nothing written | {1e6 * idle / n:.1f} |")
     print(f"| one publish (one peer) | {1e6 * publish / (n * k):.1f} |")
+    return 0
+
+
+def instructions(workers: int, replicas: int, reads: int) -> int:
+    """Instructions per read of `workers - 1` peers that all published new totals."""
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install -y valgrind)", file=sys.stderr)
+        return 2
+    counts = {}
+    with tempfile.TemporaryDirectory() as d:
+        for only in ("read", "publish"):
+            out = Path(d) / f"cg.{only}"
+            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
+            cmd += [__file__, "--workers", str(workers), "--replicas", str(replicas)]
+            subprocess.run([*cmd, "--reads", str(reads), "--only", only], check=True,
+                           capture_output=True)  # fmt: skip
+            text = out.read_text(errors="replace")
+            counts[only] = int(re.search(r"^summary:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+    per_read = (counts["read"] - counts["publish"]) // reads
+    print(f"{workers} workers, {replicas} replica(s), {reads} reads: {per_read:,} instructions per "
+          f"read of {workers - 1} peers that all published new totals")  # fmt: skip
     return 0
 
 
