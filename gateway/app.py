@@ -29,7 +29,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from gateway import errors
+from gateway import errors, metrics
 from gateway.discovery import Discovery
 from gateway.fleet import Fleet, StateFeeds
 from gateway.peers import ENV_DIR as PEERS_ENV_DIR
@@ -132,6 +132,7 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
             yield
         finally:
             await cancel_and_wait(ticker)
+            metrics.flush()
             await feeds.stop()
             await app[DISCOVERY].stop()
             await session.close()
@@ -223,6 +224,7 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
 
     async def prom(request: web.Request) -> web.Response:
         registry = REGISTRY
+        metrics.flush()  # this worker's latest (the others flush on their tick)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: report them all
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
@@ -286,6 +288,7 @@ async def _tick(fleet: Fleet) -> None:
     while True:
         await asyncio.sleep(TICK_S)
         fleet.tick(time.time())
+        metrics.flush()  # the request path's tallies (other workers' /metrics read our files)
 
 
 async def apply_config(app: web.Application, cfg: Config) -> None:

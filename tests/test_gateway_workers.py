@@ -111,15 +111,23 @@ async def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path) -> N
                 # carry one in-flight series per worker process that routed a request.
                 async with s.get(f"{base}/metrics") as r:
                     text = await r.text()
+                seen = set(re.findall(r'kvpilot_gateway_inflight_requests\{pid="(\d+)"', text))
+            assert len(pids) == n
+            # Every worker's requests, whichever worker answers the scrape: the other worker's
+            # tallied counts reach its file on its next tick (gateway/metrics.py).
+            for _ in range(30):
+                async with s.get(f"{base}/metrics") as r:
+                    text = await r.text()
                 total = sum(
                     float(m.group(1))
                     for m in re.finditer(
                         r'kvpilot_gateway_requests_total\{[^}]*code="200"[^}]*\} ([\d.e+]+)', text
                     )
                 )
-                seen = set(re.findall(r'kvpilot_gateway_inflight_requests\{pid="(\d+)"', text))
-            assert len(pids) == n
-        assert total == n  # every worker's requests, whichever worker answered the scrape
+                if total == n:
+                    break
+                await asyncio.sleep(0.1)
+        assert total == n
         assert seen == {str(p) for p in workers}  # both workers served requests
     finally:
         proc.send_signal(signal.SIGTERM)
