@@ -88,6 +88,9 @@ def build_app(cfg: Config, *, kube_api_client: Any = None, worker: int = -1) -> 
             connector=connector,
             timeout=timeout,
             auto_decompress=False,  # bytes pass through as the replica encoded them
+            # One session for every client: a jar would send a cookie answered to one user with
+            # the next user's requests. Set-Cookie and Cookie pass through as headers.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # We forward the client's own headers; aiohttp's defaults would add or change them.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )

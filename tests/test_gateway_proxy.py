@@ -79,6 +79,10 @@ class Upstream:
                 resp.headers["X-Hop-Down"] = "secret"
                 resp.headers["X-Keep-Down"] = "yes"
                 return resp
+            if self.mode == "cookie":  # a replica (or something in front of it) sets a cookie
+                resp = web.json_response(_completion(self.name, chat))
+                resp.set_cookie("session", f"of-{request.headers.get('x-user', '')}")
+                return resp
             if self.mode == "stall-body":  # headers and half the body, then nothing
                 data = orjson.dumps(_completion(self.name, chat))
                 head = web.StreamResponse(
@@ -287,6 +291,25 @@ async def test_request_id_kept_or_made_and_hop_by_hop_stripped(upstreams: list[U
     assert seen["x-request-id"] == "abc-123"
     assert "proxy-authorization" not in seen and "te" not in seen
     assert {k.lower(): v for k, v in upstreams[0].headers[1].items()}["x-request-id"] == made
+
+
+async def test_a_cookie_one_client_got_is_never_sent_upstream_for_another() -> None:
+    """The gateway's one upstream session serves every client: it must keep no cookie jar, or a
+    Set-Cookie answered to one user would ride along on the next user's requests. (A jar takes
+    no cookies from IP addresses: a replica named by a hostname shows it.)"""
+    async with running("cookie") as ups:
+        url = ups[0].url.replace("127.0.0.1", "localhost")
+        async with run_gateway(config([url]), port=0) as base, aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi"}
+            for user in ("alice", "bob"):
+                async with s.post(
+                    f"{base}/completions", json=body, headers={"x-user": user}
+                ) as resp:
+                    assert resp.status == 200
+                    # the client gets the replica's Set-Cookie as sent (it is end to end)
+                    assert resp.headers["Set-Cookie"].startswith(f"session=of-{user}")
+                s.cookie_jar.clear()  # the client keeps none of its own either
+    assert [h.get("Cookie") for h in ups[0].headers] == [None, None]
 
 
 async def test_models_health_ready_metrics(upstreams: list[Upstream]) -> None:
