@@ -1,8 +1,9 @@
 """A fast fixed-answer OpenAI-compatible backend, to measure what a proxy adds and nothing else.
 
-`python bench/fixed_backend.py --port 9001 [--chunks 16] [--processes N]` answers every /v1/completions and
-/v1/chat/completions at once with the same small JSON, or (with "stream": true) with `--chunks`
-SSE events and [DONE]; /metrics publishes the few vLLM gauges a router reads, all idle.
+`python bench/fixed_backend.py --port 9001 [--chunks 16] [--processes N] [--delay-ms MS]` answers
+every /v1/completions and /v1/chat/completions at once (or after `--delay-ms`, as a model server
+takes a while) with the same small JSON, or (with "stream": true) with `--chunks` SSE events and
+[DONE]; /metrics publishes the few vLLM gauges a router reads, all idle.
 With `--processes N` it runs N processes on one port (SO_REUSEPORT), so that on a many-core
 machine the backend is not what caps a proxy's measured rate.
 """
@@ -10,6 +11,7 @@ machine the backend is not what caps a proxy's measured rate.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +69,7 @@ def _event(i: int, chat: bool) -> bytes:
     return b"data: " + orjson.dumps(delta) + b"\n\n"
 
 
-def make_app(chunks: int = 16) -> web.Application:
+def make_app(chunks: int = 16, delay_s: float = 0.0) -> web.Application:
     streams = {
         chat: [_event(i, chat) for i in range(chunks)] + [b"data: [DONE]\n\n"]
         for chat in (False, True)
@@ -75,6 +77,8 @@ def make_app(chunks: int = 16) -> web.Application:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
+        if delay_s:
+            await asyncio.sleep(delay_s)
         chat = request.path.endswith("chat/completions")
         if b'"stream":true' not in raw.replace(b" ", b""):
             return web.Response(
@@ -111,8 +115,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=9001)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="before each answer")
     args = ap.parse_args()
-    serve_processes(_serve, (args.chunks, args.host, args.port, args.processes > 1), args.processes)
+    serve = (args.chunks, args.host, args.port, args.processes > 1, args.delay_ms / 1000)
+    serve_processes(_serve, serve, args.processes)
 
 
 def serve_processes(serve: Callable[..., None], args: tuple[Any, ...], processes: int) -> None:
@@ -123,9 +129,14 @@ def serve_processes(serve: Callable[..., None], args: tuple[Any, ...], processes
     serve(*args)
 
 
-def _serve(chunks: int, host: str, port: int, reuse_port: bool) -> None:
+def _serve(chunks: int, host: str, port: int, reuse_port: bool, delay_s: float = 0.0) -> None:
     web.run_app(
-        make_app(chunks), host=host, port=port, reuse_port=reuse_port, access_log=None, print=None
+        make_app(chunks, delay_s),
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
+        access_log=None,
+        print=None,
     )
 
 

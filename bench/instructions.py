@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by valgrind's callgrind: a noise-free A/B measure.
 
-    .venv/bin/python bench/instructions.py [--requests 1000]
+    .venv/bin/python bench/instructions.py [--requests 1000] [--workers N]
 
 Wall and CPU time on a shared 2-core box move by ±10 % from run to run; user-space instruction
 counts do not (three runs agree within 0.2 %). The target runs under
@@ -10,6 +10,12 @@ connection, and the counters are dumped (`callgrind_control -d`). Kernel time (t
 syscalls) is not counted, so this measures the Python work a request costs. Targets: the
 kvpilot gateway (headroom, one replica) and the aiohttp floor (bench/aiohttp_floor.py), in front
 of bench/fixed_backend.py. Needs Debian's valgrind; start-up under it takes about a minute.
+
+`--workers N` runs the gateway with `gateway.workers: N` and the floor as N processes, all under
+valgrind (`--trace-children=yes`): the count is then the whole process tree's, the supervisor and
+the workers that got no request included (their timers, and the peers' shared totals and
+learning, gateway/peers.py, which one process does not have), over the requests the one
+connection sent to one of them.
 """
 
 from __future__ import annotations
@@ -27,28 +33,42 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hop_latency import probe  # noqa: E402
-from proxy import PY, ROOT, free_port, gateway_command, gateway_config, started  # noqa: E402
+from proxy import (  # noqa: E402
+    PY,
+    ROOT,
+    free_port,
+    gateway_command,
+    gateway_config,
+    started,
+    tree,
+)
 
 
 def count(cmd: list[str], port: int, n: int, out: Path) -> int:
-    grind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p", *cmd]
+    grind = ["valgrind", "--tool=callgrind", "--trace-children=yes"]
+    grind += [f"--callgrind-out-file={out}/cg.%p", *cmd]
     with started(grind, port, deadline_s=300) as proc:
         time.sleep(5)  # let start-up under valgrind settle after the port opens
         probe(port, 300, 0.0)
-        vpid = str(proc.pid)
-        subprocess.run(["callgrind_control", "-z", vpid], check=True, capture_output=True)
+        pids = [str(p) for p in tree(proc.pid)]
+        for pid in pids:
+            subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
         probe(port, n, 0.0)
-        subprocess.run(["callgrind_control", "-d", vpid], check=True, capture_output=True)
+        for pid in pids:
+            subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
         time.sleep(1)
-    dumps = sorted(out.glob(f"cg.{vpid}.*"), key=lambda p: p.stat().st_mtime)
-    text = dumps[-1].read_text(errors="replace")
-    total = int(re.search(r"^summary:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+    total = 0
+    for pid in pids:
+        dumps = sorted(out.glob(f"cg.{pid}.*"), key=lambda p: p.stat().st_mtime)
+        text = dumps[-1].read_text(errors="replace")
+        total += int(re.search(r"^summary:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
     return total // n
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=1, help="gateway.workers (floor: processes)")
     args = ap.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         print("valgrind is not installed (apt-get install -y valgrind)", file=sys.stderr)
@@ -62,11 +82,12 @@ def main() -> int:
         )
         gport, fport = free_port(), free_port()
         cfg = tmp / "kvpilot.yaml"
-        gateway_config(cfg, gport, bport, 1)
+        gateway_config(cfg, gport, bport, args.workers)
         targets = [
             ("kvpilot gateway", gateway_command(cfg), gport),
             ("aiohttp floor", [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport),
-                               "--upstream", f"http://127.0.0.1:{bport}"], fport),
+                               "--upstream", f"http://127.0.0.1:{bport}",
+                               "--processes", str(args.workers)], fport),
         ]  # fmt: skip
         print("| target | instructions per request |\n|---|---:|")
         for name, cmd, port in targets:

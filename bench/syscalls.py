@@ -1,6 +1,7 @@
 """System calls per proxied request: what each hop asks of the kernel, by name.
 
     .venv/bin/python bench/syscalls.py [--workers 2] [--rate 200] [--duration 5]
+        [--connections 2] [--backend-delay-ms MS] [--compare DIR]
 
 Under gVisor (GKE Sandbox, and the lent GPU machines' hosts) every system call and every wake-up
 of a sleeping process goes through a user-space kernel and costs several times what it costs on
@@ -10,6 +11,10 @@ counts them with `strace -c -f` on the target's whole process tree while `wrk` s
 processes) and `kvpilot gateway` (`gateway.workers: --workers`, headroom), both in front of the
 fixed-answer backend. Counts are per request; `epoll_pwait` includes the wake-ups. strace slows
 every call, so read the counts, not the times.
+
+The backend answers at once unless `--backend-delay-ms` (a model server takes milliseconds at
+least): then a turn of the event loop that a fast answer would share with reading the answer
+shows as a poll of its own. `--compare DIR` also counts the gateway of another source tree.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxy import LUA, PY, ROOT, free_port, gateway_config, started, tree, wrk  # noqa: E402
 
 
-def count(pid: int, url: str, lua: str, duration: int) -> tuple[int, dict[str, int]]:
+def count(
+    pid: int, url: str, lua: str, duration: int, connections: int
+) -> tuple[int, dict[str, int]]:
     """Requests answered and system calls by name, over `duration` s of paced load."""
     with tempfile.NamedTemporaryFile(suffix=".txt") as f:
         cmd = ["strace", "-f", "-c", "-o", f.name]
@@ -37,7 +44,7 @@ def count(pid: int, url: str, lua: str, duration: int) -> tuple[int, dict[str, i
         tracer = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # attached
         try:
-            r = wrk(url, lua, 2, duration)
+            r = wrk(url, lua, connections, duration)
         finally:
             tracer.terminate()
             tracer.wait(10)
@@ -56,35 +63,45 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="gateway workers, floor processes")
     ap.add_argument("--rate", type=int, default=200, help="requests/s in total")
     ap.add_argument("--duration", type=int, default=5, help="seconds (at most 15)")
+    ap.add_argument("--connections", type=int, default=2)
+    ap.add_argument("--backend-delay-ms", type=float, default=0.0, help="before each answer")
+    ap.add_argument("--compare", metavar="DIR", help="also the gateway of this source tree")
     args = ap.parse_args()
     for tool in ("strace", "wrk"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install -y {tool})", file=sys.stderr)
             return 2
     duration = min(args.duration, 15)
-    lua = LUA % ("", f"function delay() return {2000.0 / args.rate:.3f} end")
+    conns = max(1, args.connections)
+    lua = LUA % ("", f"function delay() return {1000.0 * conns / args.rate:.3f} end")
     with tempfile.TemporaryDirectory() as td:
         bport, gport, fport = free_port(), free_port(), free_port()
         cfg = Path(td) / "kvpilot.yaml"
         gateway_config(cfg, gport, bport, args.workers)
         backend = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
+        backend += ["--delay-ms", str(args.backend_delay_ms)]
         gateway = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
         floor = [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport)]
         floor += ["--upstream", f"http://127.0.0.1:{bport}", "--processes", str(args.workers)]
         rows: dict[str, tuple[int, dict[str, int]]] = {}
+        targets = [
+            ("aiohttp floor", floor, fport, ROOT),
+            ("kvpilot gateway", [*gateway, "--log-level", "WARNING"], gport, ROOT),
+        ]
+        if args.compare:  # the same config (and port: one at a time), the other tree's code
+            other = Path(args.compare).resolve()
+            targets.append((f"gateway [{other.name}]", targets[1][1], gport, other))
         with started(backend, bport):
-            for name, cmd, port in (
-                ("aiohttp floor", floor, fport),
-                ("kvpilot gateway", [*gateway, "--log-level", "WARNING"], gport),
-            ):
-                with started(cmd, port, cwd=ROOT) as proc:
+            for name, cmd, port, cwd in targets:
+                with started(cmd, port, cwd=cwd) as proc:
                     url = f"http://127.0.0.1:{port}/v1/completions"
                     time.sleep(1.0)
-                    wrk(url, lua, 2, 2)  # warm up: connections, caches, learning
-                    rows[name] = count(proc.pid, url, lua, duration)
+                    wrk(url, lua, conns, 2)  # warm up: connections, caches, learning
+                    rows[name] = count(proc.pid, url, lua, duration, conns)
     print(
-        f"{args.workers} worker(s); paced ~{args.rate} req/s over 2 connections, {duration} s; "
-        "system calls per request (strace -c -f)\n"
+        f"{args.workers} worker(s); paced ~{args.rate} req/s over {conns} connection(s), "
+        f"{duration} s; backend delay {args.backend_delay_ms:g} ms; system calls per request "
+        "(strace -c -f)\n"
     )
     names = sorted(
         {c for _, calls in rows.values() for c in calls},

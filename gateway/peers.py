@@ -21,6 +21,14 @@ in-flight totals to its own, applies the increments of their corrections to its 
 takes their picks in as its own. A busy worker (its last read younger than SYNC_AFTER
 intervals) reads them right after the pick instead: the request is then already on its way
 upstream, and the read (5-50 µs for 11 peers, bench/peers.py) stays off its latency.
+
+"Right after" is `settle()`, which the proxy calls once the request's body is with the replica
+and once the answer is sent: the publish a pick or an answer made due, and the read a pick
+deferred, run there, in a step the loop takes anyway. Deferring them with `call_soon` instead
+cost one or two extra turns of the event loop a request (on Python 3.11 aiohttp writes the
+request from a task queued after the pick, so one turn would have run them first), each a
+system call (a zero-timeout poll). A publish no settle point takes (a request that failed to
+connect) goes out `interval_s` later from a timer.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ import logging
 import mmap
 import os
 import struct
-import sys
 import time
 from array import array
 from collections.abc import Callable
@@ -68,12 +75,6 @@ SYNC_AFTER = 2
 # A change that comes within `interval_s` of the last publish goes out with the first change
 # after it, or this many intervals after that publish if no change comes (a worker gone quiet).
 FLUSH_AFTER = 3
-# Work deferred off a request's path (a publish, a read after the pick) waits two loop turns on
-# Python 3.11: there aiohttp writes a request to the replica in a task of its own, queued after
-# the pick, and what the pick queued with call_soon would run first and hold the request back.
-# From 3.12 aiohttp starts that task eagerly (the request has left when the pick's handler
-# yields), and one turn saves the extra poll of the event loop a second turn costs.
-TWO_TURNS = sys.version_info < (3, 12)
 
 
 Learned = dict[str, tuple[float, float]]  # replica id ("" for the pool) -> (d_ttft, d_tpot)
@@ -130,7 +131,7 @@ class PeerAccounts:
         # (peer, pool) -> (peer's epoch, our epoch, its cumulative corrections when last applied)
         self._applied: dict[tuple[str, str], tuple[int, int, Learned]] = {}
         self.interval_s = interval_s
-        self.loop = loop  # publishes are deferred on it; None: publish at once (tests)
+        self.loop = loop  # publishes wait for `settle` or a timer on it; None: at once (tests)
         path = create_file(self.dir, worker)  # and its ring
         with open(path, "r+b") as f:
             self._own = mmap.mmap(f.fileno(), FILE_BYTES)
@@ -145,10 +146,10 @@ class PeerAccounts:
         self._published_at = -1e18
         self._learned_at = -1e18
         self._learn_dirty = True  # the first publish says what there is (nothing yet)
-        self._pending: asyncio.Handle | None = None  # a publish this loop step
+        self._due = False  # a publish for the next `settle`
         self._flush: asyncio.TimerHandle | None = None  # a publish at `_flush_at` at the latest
         self._flush_at = 0.0
-        self._read_pending: asyncio.Handle | None = None
+        self._read_due = False  # a read for the next `settle`
         self._too_big = False
         self.totals: dict[str, InFlight] = {}  # replica id -> the peers' summed totals
 
@@ -157,23 +158,34 @@ class PeerAccounts:
     def changed(self, learned: bool = False) -> None:
         """This worker's ledger changed (`learned`: its policy learned from an answer too).
 
-        Published just after the current loop step (off the request's path) when the last
-        publish is `interval_s` old; else left for the first change after that, or at the latest
-        FLUSH_AFTER intervals on. A timer per interval would wake an idle worker once a request
-        (a request's start publishes, its end comes within the interval), and at a paced load
-        each wake-up of a sleeping process is the costly part of a hop (gVisor)."""
+        Published at the next `settle` (off the request's path; `interval_s` on from a timer if
+        none comes) when the last publish is `interval_s` old; else left for the first change
+        after that, or at the latest FLUSH_AFTER intervals on. A timer per interval would wake
+        an idle worker once a request (a request's start publishes, its end comes within the
+        interval), and at a paced load each wake-up of a sleeping process is the costly part of
+        a hop (gVisor)."""
         self._learn_dirty |= learned
         if self.loop is None:
             self.publish()
             return
-        if self._pending is not None:
-            return  # a publish is coming this loop step
+        if self._due:
+            return  # a publish is coming at the next settle
         now = time.monotonic()
         if now - self._published_at >= self.interval_s:
-            then = self._publish_next if TWO_TURNS else self._publish_pending
-            self._pending = self.loop.call_soon(then)
+            self._due = True
+            self._flush_by(now + self.interval_s)
         else:
             self._flush_by(self._published_at + FLUSH_AFTER * self.interval_s)
+
+    def settle(self) -> None:
+        """The request at hand has left for its replica, or its answer has gone out: publish
+        what is due and read the peers if a pick deferred it, now, in this step."""
+        if self._due:
+            self.publish()
+        if self._read_due:
+            rids = self._read(time.time())
+            if rids:
+                self.touched(rids)
 
     def _flush_by(self, at: float) -> None:
         """Publish at `at` at the latest, unless an earlier publish comes first."""
@@ -189,15 +201,8 @@ class PeerAccounts:
         self._flush = None
         self.publish()
 
-    def _publish_next(self) -> None:
-        assert self.loop is not None
-        self._pending = self.loop.call_soon(self._publish_pending)  # the second turn
-
-    def _publish_pending(self) -> None:
-        self._pending = None
-        self.publish()
-
     def publish(self) -> None:
+        self._due = False
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
@@ -237,26 +242,15 @@ class PeerAccounts:
 
     def refresh(self, now: float) -> set[str]:
         """Before a pick: `poll` now if this worker's copy is SYNC_AFTER intervals old (or there
-        is no loop), else schedule it for right after the pick (its changes go to `touched`)."""
+        is no loop), else leave it for the next `settle`, right after the pick (its changes go
+        to `touched`); without one, the next pick past SYNC_AFTER intervals reads."""
         age = now - self._read_at
         if age < self.interval_s:
             return set()
         if self.loop is None or age >= SYNC_AFTER * self.interval_s:
             return self.poll(now)
-        if self._read_pending is None:
-            then = self._poll_next if TWO_TURNS else self._poll_pending
-            self._read_pending = self.loop.call_soon(then)
+        self._read_due = True
         return set()
-
-    def _poll_next(self) -> None:
-        assert self.loop is not None
-        self._read_pending = self.loop.call_soon(self._poll_pending)  # the second turn
-
-    def _poll_pending(self) -> None:
-        self._read_pending = None
-        rids = self._read(time.time())
-        if rids:
-            self.touched(rids)
 
     def poll(self, now: float) -> set[str]:
         """Re-read the peers' files if `interval_s` has passed; the replica ids whose summed
@@ -267,6 +261,7 @@ class PeerAccounts:
 
     def _read(self, now: float) -> set[str]:
         self._read_at = now
+        self._read_due = False
         if now - self._listed_at >= RELIST_S:
             self._listed_at = now
             self._relist()
@@ -371,9 +366,8 @@ class PeerAccounts:
             self._rings[p.name] = ring
 
     def close(self) -> None:
-        for handle in (self._pending, self._flush, self._read_pending):
-            if handle is not None:
-                handle.cancel()
+        if self._flush is not None:
+            self._flush.cancel()
         for mm, _, _, _ in self._peers.values():
             mm.close()
         for reader in self._rings.values():

@@ -30,7 +30,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,13 +89,17 @@ class RoutedError(Exception):
 
 class _SentBody(BytesPayload):
     """The request body, noting when it has been written whole (aiohttp writes it apart from
-    the headers): from then on the replica has the request."""
+    the headers): from then on the replica has the request, and `then` runs (the peer work the
+    pick left for after it, gateway/peers.py)."""
 
     sent = False
+    then: Callable[[], None] | None = None
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         await BytesPayload.write_with_length(self, writer, content_length)
         self.sent = True
+        if self.then is not None:
+            self.then()
 
 
 class RequestIds:
@@ -552,6 +556,7 @@ class Gateway:
                 self.fleet.succeeded(replica_id, pool)
             self._learn(rt, replica_id, req, out, started, now)
             metrics.child(metrics.REQUESTS, pool, req.model, replica_id, str(out.status)).inc()
+            self._settle()  # the answer is out: the peers learn of its end and what it taught
             return resp, pool
 
     def _learn(
@@ -613,12 +618,25 @@ class Gateway:
     def _loop(self) -> asyncio.AbstractEventLoop:
         return self.loop or asyncio.get_running_loop()
 
+    def _settle(self) -> None:
+        """Where a request has left or been answered: the peer work due runs here, in a step the
+        event loop takes anyway (gateway/peers.py, `settle`)."""
+        peers = self.fleet.peers
+        if peers is not None:
+            peers.settle()
+
+    def _body(self, raw: bytes) -> _SentBody:
+        body = _SentBody(raw)
+        if self.fleet.peers is not None:
+            body.then = self.fleet.peers.settle
+        return body
+
     async def _forward(
         self, url: str, raw: bytes, headers: list[tuple[str, str]], rid: str
     ) -> tuple[web.Response, _Outcome]:
         gw = self.gw
         resp = None
-        body = _SentBody(raw)
+        body = self._body(raw)
         try:
             with Deadline(self._loop(), gw.first_byte_timeout_s) as deadline:
                 resp = await self._open(url, body, headers)
@@ -659,7 +677,7 @@ class Gateway:
             # Until the first chunk has come the request may still go elsewhere: one deadline
             # for the headers and that chunk.
             with Deadline(self._loop(), gw.first_byte_timeout_s) as deadline:
-                resp = await self._open(url, raw, headers)
+                resp = await self._open(url, self._body(raw), headers)
                 if resp.status != 200:  # an error answer (4xx): pass it on whole, it is small
                     deadline.push(gw.idle_timeout_s)
                     try:

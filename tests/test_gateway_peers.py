@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -133,7 +132,7 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
     )  # fmt: skip
     with closing(a), closing(b):
         a.changed(learned=True)
-        await asyncio.sleep(0.02)
+        a.settle()
         b.poll(NOW)
         assert got == [{"r1": (0.1, 0.0)}]
         theirs["p"] = (1, {"r1": (0.3, 0.0)})
@@ -148,41 +147,41 @@ async def test_learning_goes_out_at_most_every_tenth_interval_and_is_not_lost(
         assert got[-1] == {"r1": pytest.approx((0.2, 0.0))}
 
 
-async def two_turns() -> None:
-    """Let the event loop run twice: deferred peer work waits two turns (gateway/peers.py)."""
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-
-
-async def test_deferred_work_runs_after_a_task_queued_in_the_same_step(tmp_path: Path) -> None:
-    """On Python 3.11 aiohttp sends a request from a task created after the pick (eagerly only
-    from 3.12): the publish and the read the pick deferred must not run before it."""
+async def test_deferred_work_waits_for_the_settle_point_and_takes_no_loop_turn(
+    tmp_path: Path,
+) -> None:
+    """The publish and the read a pick defers run when the proxy says the request has left
+    (`settle`): not before it, however many turns the loop takes, and with no turn of their
+    own; a publish that no settle point takes goes out `interval_s` on."""
     mine = {"r1": InFlight(1, 10, 1, 1, 10, 1)}
     order: list[str] = []
     loop = asyncio.get_running_loop()
     a = PeerAccounts(tmp_path, 0, lambda: dict(mine), interval_s=0.01)  # publishes at once
+    b_rows = {"r2": InFlight(2, 20, 2, 2, 20, 2)}
     b = PeerAccounts(
-        tmp_path, 1, dict, touched=lambda r: order.append("read"), interval_s=0.01, loop=loop
-    )
-    with closing(a), closing(b):
+        tmp_path, 1, lambda: dict(b_rows), touched=lambda r: order.append("read"),
+        interval_s=0.05, loop=loop,
+    )  # fmt: skip
+    c = PeerAccounts(tmp_path, 2, dict, interval_s=0.0)  # reads whenever asked
+    with closing(a), closing(b), closing(c):
         t = time.time()
         b.refresh(t)
         a.changed()
-        b.refresh(t + 0.015)  # busy: the read is deferred
+        assert b.refresh(t + 0.06) == set()  # busy: the read is left for the settle point
         b.changed()  # and so is b's publish
-
-        async def send() -> None:
-            order.append("send")
-
-        if sys.version_info >= (3, 12):  # as aiohttp 3.14 starts its write task
-            task = asyncio.Task(send(), loop=loop, eager_start=True)
-        else:
-            task = asyncio.Task(send())
         for _ in range(5):
             await asyncio.sleep(0)
-        await task
-        assert b._pending is None and b._read_pending is None  # both ran
-        assert order == ["send", "read"]
+        assert order == [] and "r2" not in (c.poll(NOW) | set(c.totals))
+        b.settle()  # the request is with its replica
+        assert order == ["read"] and b.totals == {"r1": mine["r1"]}
+        assert c.poll(NOW + 1) == {"r2"}
+        b_rows["r2"] = InFlight(1, 10, 1, 1, 10, 1)
+        await asyncio.sleep(0.06)  # past the interval since b's publish
+        b.changed()  # a change no settle point follows (a connection refused)
+        await asyncio.sleep(0.02)
+        assert c.poll(NOW + 2) == set()
+        await asyncio.sleep(0.06)  # the timer, interval_s on
+        assert c.poll(NOW + 3) == {"r2"} and c.totals["r2"] == b_rows["r2"]
 
 
 async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_before(
@@ -201,13 +200,13 @@ async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_bef
         assert b.refresh(t + 0.001) == set()  # within the interval: nothing to do
         assert b.refresh(t + 0.015) == set() and b.totals == {}  # busy: read after the pick
         assert b.refresh(t + 0.018) == set()  # one read pending is enough
-        await two_turns()
+        b.settle()  # the request has left
         assert got == [{"r1"}] and b.totals == {"r1": mine["r1"]}
         mine.clear()
         a.changed()
         # idle for two intervals and more: the pick waits for the read
         assert b.refresh(time.time() + 0.03) == {"r1"} and b.totals == {}
-        await two_turns()
+        b.settle()  # nothing left to read
         assert got == [{"r1"}]
 
 
@@ -257,14 +256,14 @@ async def test_a_change_soon_after_a_publish_waits_for_the_next_change_not_a_tim
     one interval on: it goes out with the next change, or FLUSH_AFTER intervals on."""
     a, published = counted_publisher(tmp_path)
     with closing(a):
-        a.changed()  # a request starts: published just after this step
-        await two_turns()
+        a.changed()  # a request starts: published once it has left
+        a.settle()
         assert len(published) == 1
         a.changed()  # it ends at once: not yet
         await asyncio.sleep(0.08)  # past the interval, short of FLUSH_AFTER intervals
         assert len(published) == 1
         a.changed()  # the next request: both go out now
-        await two_turns()
+        a.settle()
         assert len(published) == 2
         a.changed()
         await asyncio.sleep(FLUSH_AFTER * 0.05 + 0.05)  # no further change: the flush
