@@ -640,7 +640,8 @@ class Gateway:
         try:
             with Deadline(self._loop(), gw.first_byte_timeout_s) as deadline:
                 resp = await self._open(url, body, headers)
-                deadline.push(gw.idle_timeout_s)  # headers are in: the body must not stall
+                if not resp.content.is_eof():  # (a small answer comes whole with its headers)
+                    deadline.push(gw.idle_timeout_s)  # headers are in: the body must not stall
                 try:
                     data = await resp.read()
                 except (aiohttp.ClientError, OSError) as e:
