@@ -28,12 +28,12 @@ from proxy import MODEL, PY, ROOT, free_port, gateway_command, gateway_config, s
 BODY = f'{{"model": "{MODEL}", "prompt": "The quick brown fox", "max_tokens": 16}}'
 
 
-def probe(port: int, n: int, gap_s: float) -> list[float]:
+def probe(port: int, n: int, gap_s: float, body: str = BODY) -> list[float]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        c.request("POST", "/v1/completions", BODY, {"Content-Type": "application/json"})
+        c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         r = c.getresponse()
         r.read()
         out.append((time.perf_counter() - t) * 1e3)

@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by valgrind's callgrind: a noise-free A/B measure.
 
-    .venv/bin/python bench/instructions.py [--requests 1000] [--workers N]
+    .venv/bin/python bench/instructions.py [--requests 1000] [--workers N] [--prompt-chars N]
 
 Wall and CPU time on a shared 2-core box move by ±10 % from run to run; user-space instruction
 counts do not (three runs agree within 0.2 %). The target runs under
@@ -16,6 +16,10 @@ valgrind (`--trace-children=yes`): the count is then the whole process tree's, t
 the workers that got no request included (their timers, and the peers' shared totals and
 learning, gateway/peers.py, which one process does not have), over the requests the one
 connection sent to one of them.
+
+`--prompt-chars N` sends a prompt of N characters (English-like ASCII) instead of four words:
+the gateway reads the prompt (prefix hashes: one per 64 characters, up to 256), the floor only
+forwards it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hop_latency import probe  # noqa: E402
+from hop_latency import BODY, MODEL, probe  # noqa: E402
 from proxy import (  # noqa: E402
     PY,
     ROOT,
@@ -44,16 +48,24 @@ from proxy import (  # noqa: E402
 )
 
 
-def count(cmd: list[str], port: int, n: int, out: Path) -> int:
+def body(prompt_chars: int) -> str:
+    if prompt_chars <= 0:
+        return BODY
+    words = "The quick brown fox jumps over the lazy dog while the model reads a long document. "
+    prompt = (words * (prompt_chars // len(words) + 1))[:prompt_chars]
+    return f'{{"model": "{MODEL}", "prompt": "{prompt}", "max_tokens": 16}}'
+
+
+def count(cmd: list[str], port: int, n: int, out: Path, payload: str = BODY) -> int:
     grind = ["valgrind", "--tool=callgrind", "--trace-children=yes"]
     grind += [f"--callgrind-out-file={out}/cg.%p", *cmd]
     with started(grind, port, deadline_s=300) as proc:
         time.sleep(5)  # let start-up under valgrind settle after the port opens
-        probe(port, 300, 0.0)
+        probe(port, 300, 0.0, payload)
         pids = [str(p) for p in tree(proc.pid)]
         for pid in pids:
             subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
-        probe(port, n, 0.0)
+        probe(port, n, 0.0, payload)
         for pid in pids:
             subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
         time.sleep(1)
@@ -69,6 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=1, help="gateway.workers (floor: processes)")
+    ap.add_argument("--prompt-chars", type=int, default=0, help="a prompt of this many characters")
     args = ap.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         print("valgrind is not installed (apt-get install -y valgrind)", file=sys.stderr)
@@ -91,7 +104,8 @@ def main() -> int:
         ]  # fmt: skip
         print("| target | instructions per request |\n|---|---:|")
         for name, cmd, port in targets:
-            print(f"| {name} | {count(cmd, port, n, tmp):,} |", flush=True)
+            payload = body(args.prompt_chars)
+            print(f"| {name} | {count(cmd, port, n, tmp, payload):,} |", flush=True)
     return 0
 
 

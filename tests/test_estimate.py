@@ -53,6 +53,23 @@ def test_a_change_in_block_k_changes_every_hash_from_k(text: str, k: int) -> Non
     assert all(x != y for x, y in zip(h1[k:], h2[k:], strict=True))
 
 
+@settings(max_examples=60, deadline=None)
+@given(ascii_part=st.text(alphabet=string.printable, max_size=400), rest=TEXT, seed=st.integers(0))
+def test_prefix_hashes_follow_their_definition_for_ascii_and_other_text(
+    ascii_part: str, rest: str, seed: int
+) -> None:
+    """Block i's hash is xxh3 of its characters' UTF-8 seeded with block i-1's, whichever path
+    (one encoding for ASCII text, a block at a time otherwise) computed it."""
+    import xxhash
+
+    for text in (ascii_part, ascii_part + rest):
+        h, want = seed & 0xFFFFFFFFFFFFFFFF, []
+        for i in range(min(len(text) // 64, 256)):
+            h = xxhash.xxh3_64_intdigest(text[i * 64 : (i + 1) * 64].encode(), seed=h)
+            want.append(h)
+        assert prefix_hashes(text, seed=seed) == tuple(want)
+
+
 def test_prefix_hashes_are_separated_by_model_and_bounded() -> None:
     text = "q" * 64 * 300
     assert (
