@@ -151,6 +151,7 @@ class PeerAccounts:
         self._flush_at = 0.0
         self._read_due = False  # a read for the next `settle`
         self._too_big = False
+        self._closed = False  # a settle or change that comes after close (shutdown) is dropped
         self.totals: dict[str, InFlight] = {}  # replica id -> the peers' summed totals
 
     # ---- publishing this worker's totals --------------------------------------------------------
@@ -165,6 +166,8 @@ class PeerAccounts:
         interval), and at a paced load each wake-up of a sleeping process is the costly part of
         a hop (gVisor)."""
         self._learn_dirty |= learned
+        if self._closed:
+            return
         if self.loop is None:
             self.publish()
             return
@@ -180,6 +183,8 @@ class PeerAccounts:
     def settle(self) -> None:
         """The request at hand has left for its replica, or its answer has gone out: publish
         what is due and read the peers if a pick deferred it, now, in this step."""
+        if self._closed:
+            return
         if self._due:
             self.publish()
         if self._read_due:
@@ -366,6 +371,7 @@ class PeerAccounts:
             self._rings[p.name] = ring
 
     def close(self) -> None:
+        self._closed = True
         if self._flush is not None:
             self._flush.cancel()
         for mm, _, _, _ in self._peers.values():

@@ -184,6 +184,18 @@ async def test_deferred_work_waits_for_the_settle_point_and_takes_no_loop_turn(
         assert c.poll(NOW + 3) == {"r2"} and c.totals["r2"] == b_rows["r2"]
 
 
+async def test_a_change_or_settle_after_close_is_dropped(tmp_path: Path) -> None:
+    """A request still writing its body as the worker shuts down must not touch the unmapped
+    files (its body's settle hook was bound before the close)."""
+    a = PeerAccounts(tmp_path, 0, dict, interval_s=0.01, loop=asyncio.get_running_loop())
+    a.changed()
+    settle = a.settle
+    a.close()
+    a.changed()
+    settle()
+    await asyncio.sleep(0.03)  # no timer left to publish into a closed file
+
+
 async def test_a_busy_worker_reads_its_peers_just_after_the_pick_an_idle_one_before(
     tmp_path: Path,
 ) -> None:
