@@ -238,6 +238,7 @@ def forget_replicas(pool: str, replicas: Iterable[str]) -> None:
         if k[0] in _PER_REPLICA and k[1] == pool and k[1 + _PER_REPLICA[k[0]]] in gone
     ]:
         child = _children.pop(key)
+        child.flush()  # with workers the series stays: its last counts still belong to it
         if key[0] is INFLIGHT:
             child.set(0)
         if not multiprocess:

@@ -303,3 +303,34 @@ def test_pinning_the_pid_after_a_sample_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": "."}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "before the worker's first metric sample" in run.stderr
+
+
+def test_a_replica_that_leaves_keeps_its_last_tallied_counts_with_workers(tmp_path: Path) -> None:
+    """With workers a left replica's series stay in the files (they cannot be dropped there):
+    the counts tallied since the last flush must reach them, not vanish with the tally."""
+    import os
+    import subprocess
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    code = (
+        "from gateway import metrics\n"
+        "metrics.pin_worker_pid()\n"
+        "for _ in range(3):\n"
+        "    metrics.child(metrics.REQUESTS, 'p', 'm', 'r1', '200').inc()\n"
+        "metrics.child(metrics.INFLIGHT, 'p', 'r1').inc()\n"
+        "metrics.forget_replicas('p', ['r1'])\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": "."}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    labels = {"pool": "p", "model": "m", "replica": "r1", "code": "200"}
+    assert registry.get_sample_value("kvpilot_gateway_requests_total", labels) == 3
+    inflight = [
+        s.value
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == "kvpilot_gateway_inflight_requests" and s.labels.get("replica") == "r1"
+    ]
+    assert inflight == [0.0]  # zeroed: it holds nothing any more
