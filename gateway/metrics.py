@@ -9,6 +9,8 @@ before any read of the default registry in this process, and at exit. prometheus
 lock per update, and with several workers (its multiprocess mode) writes each one to a
 memory-mapped file; some ten updates a request cost ~4 % of a request's CPU
 (docs/benchmarks.md). With workers, another worker's updates reach /metrics within a tick.
+The tallies take no lock: every update and every read of them happens on the event loop's
+thread (nothing here serves metrics from a thread of its own).
 """
 
 from __future__ import annotations
