@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import operator
 import os
 import struct
 import time
@@ -271,15 +272,17 @@ class PeerAccounts:
             self._listed_at = now
             self._relist()
         changed = False
-        for name, (mm, seq, last, rows) in list(self._peers.items()):
-            s1, length = HEADER.unpack_from(mm, 0)
+        peers = self._peers  # (values replaced in place below: the keys stay as they are)
+        unpack, at = HEADER.unpack_from, HEADER.size
+        for name, (mm, seq, last, rows) in peers.items():
+            s1, length = unpack(mm, 0)
             if s1 == seq or s1 & 1:
                 continue  # nothing new, or being written: keep the last good copy
-            raw = mm[HEADER.size : HEADER.size + length]
-            if HEADER.unpack_from(mm, 0)[0] != s1:
+            raw = mm[at : at + length]
+            if unpack(mm, 0)[0] != s1:
                 continue  # overwritten while we copied
             if raw == last:  # rewritten as it was (a request came and went between two reads)
-                self._peers[name] = (mm, s1, last, rows)
+                peers[name] = (mm, s1, last, rows)
                 continue
             try:
                 data = orjson.loads(raw)
@@ -291,7 +294,7 @@ class PeerAccounts:
                 continue
             if new != rows:
                 changed = True
-            self._peers[name] = (mm, s1, raw, new)
+            peers[name] = (mm, s1, raw, new)
             if "l" in data:
                 self._apply(name, data["l"])
         for reader in self._rings.values():
@@ -299,14 +302,12 @@ class PeerAccounts:
         if not changed:
             return set()
         sums: dict[str, list[int]] = {}
-        for _, _, _, rows in self._peers.values():
+        plus = operator.add
+        for _, _, _, rows in peers.values():
             for rid, row in rows.items():
                 t = sums.get(rid)
-                if t is None:
-                    sums[rid] = row.copy()  # summed into in place below: not the peer's own
-                else:
-                    for i in range(ROW_FIELDS):
-                        t[i] += row[i]
+                # a new list per sum (a peer's own row is never written into)
+                sums[rid] = row if t is None else list(map(plus, t, row))
         totals = {rid: InFlight(*row) for rid, row in sums.items()}
         touched = {
             rid
