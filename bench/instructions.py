@@ -43,6 +43,7 @@ from proxy import (  # noqa: E402
     free_port,
     gateway_command,
     gateway_config,
+    long_prompt,
     started,
     tree,
 )
@@ -51,8 +52,7 @@ from proxy import (  # noqa: E402
 def body(prompt_chars: int) -> str:
     if prompt_chars <= 0:
         return BODY
-    words = "The quick brown fox jumps over the lazy dog while the model reads a long document. "
-    prompt = (words * (prompt_chars // len(words) + 1))[:prompt_chars]
+    prompt = long_prompt(prompt_chars)
     return f'{{"model": "{MODEL}", "prompt": "{prompt}", "max_tokens": 16}}'
 
 

@@ -4,7 +4,7 @@
                                     [--threads 1] [--backend-processes 1] [--unshared]
                                     [--runs max,paced,stream] [--paced-duration S]
                                     [--skip single,floor,floors,vllm-router,nginx]
-                                    [--compare DIR]
+                                    [--compare DIR] [--prompt-chars N]
 
 Targets (all on loopback, all started once and measured in turn, repetition by repetition, so
 that the machine's load drifts over all of them alike): the backend itself
@@ -28,7 +28,9 @@ machine give wrk `--threads` and the backend `--backend-processes` so that neith
 proxies (the defaults, 1 and 1, suit a 2-core box). `--compare DIR` runs every gateway also from
 another checkout (e.g. `git worktree add .ab/base HEAD~3`, a path that travels to a lent machine
 with `carry`), side by side on the same host: the only fair A/B of a change, since hosts differ
-more than most changes do.
+more than most changes do. `--prompt-chars N` sends a prompt of N characters instead of nine
+words: the gateway reads a prompt (its prefix hashes and index grow with it), the others only
+forward it.
 """
 
 from __future__ import annotations
@@ -103,12 +105,19 @@ def started(
                 p.wait(5)
 
 
+PROMPT = "The quick brown fox jumps over the lazy dog"  # as in LUA (--prompt-chars swaps it)
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model": "fixed", "prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 16%s}'
 %s
 """
+
+
+def long_prompt(chars: int) -> str:
+    """`chars` characters of plain ASCII words (nothing a Lua or JSON string must escape)."""
+    words = "The quick brown fox jumps over the lazy dog while the model reads a long document. "
+    return (words * (chars // len(words) + 1))[:chars]
 
 
 @dataclass(frozen=True)
@@ -274,6 +283,7 @@ def main() -> int:
         "nginx (comma list)"
     )  # fmt: skip
     ap.add_argument("--compare", metavar="DIR", help="also every gateway from this source tree")
+    ap.add_argument("--prompt-chars", type=int, default=0, help="a prompt of this many characters")
     args = ap.parse_args()
     duration = min(args.duration, 15)
     paced_duration = min(args.paced_duration or args.duration, 15)
@@ -287,9 +297,10 @@ def main() -> int:
         return 2
     paced_conns = 10
     delay_ms = 1000.0 * paced_conns / args.rate
-    lua_max = LUA % ("", "")
-    lua_paced = LUA % ("", f"function delay() return {delay_ms:.3f} end")
-    lua_stream = LUA % (', "stream": true', "")
+    lua = LUA if args.prompt_chars <= 0 else LUA.replace(PROMPT, long_prompt(args.prompt_chars))
+    lua_max = lua % ("", "")
+    lua_paced = lua % ("", f"function delay() return {delay_ms:.3f} end")
+    lua_stream = lua % (', "stream": true', "")
 
     # (target, run) -> one Result per repetition
     results: dict[tuple[str, str], list[Result]] = {}
