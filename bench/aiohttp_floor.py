@@ -38,7 +38,9 @@ def build(upstream: str) -> web.Application:
         body = await request.read()
         session: aiohttp.ClientSession = request.app["session"]
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
-        async with session.post(upstream + request.path, data=body, headers=headers) as r:
+        async with session.post(
+            upstream + request.path, data=body, headers=headers, allow_redirects=False
+        ) as r:
             ctype = r.headers.get("Content-Type", "")
             if not ctype.startswith("text/event-stream"):
                 return web.Response(status=r.status, body=await r.read(), content_type=None,

@@ -605,7 +605,9 @@ class Gateway:
         """Send the request; the caller's Deadline bounds the wait for the response headers."""
         assert self.session is not None
         try:
-            resp = await self.session.post(url, data=raw, headers=headers)
+            # A 3xx goes back to the client as it came: following it would send the request
+            # wherever the replica points, outside the pool.
+            resp = await self.session.post(url, data=raw, headers=headers, allow_redirects=False)
         except aiohttp.ClientConnectorError as e:
             raise UpstreamFailed("connect", str(e)) from None
         except (aiohttp.ClientError, OSError) as e:

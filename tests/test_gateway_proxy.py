@@ -79,6 +79,8 @@ class Upstream:
                 resp.headers["X-Hop-Down"] = "secret"
                 resp.headers["X-Keep-Down"] = "yes"
                 return resp
+            if self.mode == "redirect":  # a replica (or something in front of it) redirects
+                raise web.HTTPTemporaryRedirect(request.headers.get("x-redirect-to", "/"))
             if self.mode == "cookie":  # a replica (or something in front of it) sets a cookie
                 resp = web.json_response(_completion(self.name, chat))
                 resp.set_cookie("session", f"of-{request.headers.get('x-user', '')}")
@@ -310,6 +312,27 @@ async def test_a_cookie_one_client_got_is_never_sent_upstream_for_another() -> N
                     assert resp.headers["Set-Cookie"].startswith(f"session=of-{user}")
                 s.cookie_jar.clear()  # the client keeps none of its own either
     assert [h.get("Cookie") for h in ups[0].headers] == [None, None]
+
+
+async def test_a_redirect_from_a_replica_goes_back_to_the_client_not_followed() -> None:
+    """A reverse proxy passes a 3xx on: following it would send the user's prompt wherever a
+    replica (or whatever answers at its address) points, outside the pool."""
+    async with running("redirect", "ok") as ups:
+        elsewhere = f"{ups[1].url}/v1/completions"
+        body = {"model": MODEL, "prompt": "a secret"}
+        async with (
+            run_gateway(config([ups[0].url]), port=0) as base,
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{base}/completions",
+                json=body,
+                headers={"x-redirect-to": elsewhere},
+                allow_redirects=False,
+            ) as resp,
+        ):
+            assert resp.status == 307
+            assert resp.headers["Location"] == elsewhere
+    assert ups[0].hits == 1 and ups[1].hits == 0
 
 
 async def test_models_health_ready_metrics(upstreams: list[Upstream]) -> None:
