@@ -27,7 +27,9 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-_DROP_UP = HOP_BY_HOP | {"x-request-id"}
+# Expect: 100-continue was answered here, and the gateway holds the whole body before it picks:
+# passed on, the replica would round-trip a 100 Continue before the body could follow.
+_DROP_UP = HOP_BY_HOP | {"x-request-id", "expect"}
 _DROP_UP_AUTH = _DROP_UP | {"authorization"}  # the key was for the gateway, not the model server
 _DROP_DOWN = HOP_BY_HOP | {"x-request-id", "date", "server"}  # aiohttp sets date and server
 # Connection header values that name no header beyond the fixed hop-by-hop ones (the usual ones)

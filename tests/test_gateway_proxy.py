@@ -314,6 +314,21 @@ async def test_a_cookie_one_client_got_is_never_sent_upstream_for_another() -> N
     assert [h.get("Cookie") for h in ups[0].headers] == [None, None]
 
 
+async def test_a_clients_expect_100_continue_is_answered_here_not_forwarded(
+    upstreams: list[Upstream],
+) -> None:
+    """curl sends `Expect: 100-continue` with bodies over 1 KiB. The gateway answers it and has
+    the whole body before it picks: passed on, it would make the replica round-trip a 100
+    Continue before the gateway may send a body it already holds."""
+    cfg = config([upstreams[0].url])
+    async with run_gateway(cfg, port=0) as base, aiohttp.ClientSession() as s:
+        body = {"model": MODEL, "prompt": "x" * 4096}
+        async with s.post(f"{base}/completions", json=body, expect100=True) as resp:
+            assert resp.status == 200
+    assert upstreams[0].hits == 1
+    assert "expect" not in {k.lower() for k in upstreams[0].headers[0]}
+
+
 async def test_a_redirect_from_a_replica_goes_back_to_the_client_not_followed() -> None:
     """A reverse proxy passes a 3xx on: following it would send the user's prompt wherever a
     replica (or whatever answers at its address) points, outside the pool."""
