@@ -115,7 +115,7 @@ async def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path) -> N
             assert len(pids) == n
             # Every worker's requests, whichever worker answers the scrape: the other worker's
             # tallied counts reach its file on its next tick (gateway/metrics.py).
-            for _ in range(30):
+            for _ in range(50):  # (bounded: 5 s, ten ticks)
                 async with s.get(f"{base}/metrics") as r:
                     text = await r.text()
                 total = sum(
