@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy import MODEL, PY, ROOT, free_port, gateway_command, gateway_config, started  # noqa: E402
 
-BODY = f'{{"model": "{MODEL}", "prompt": "The quick brown fox", "max_tokens": 16}}'
+
+def body(prompt: str) -> str:
+    """A completion request for `prompt` (plain ASCII: nothing to escape)."""
+    return f'{{"model": "{MODEL}", "prompt": "{prompt}", "max_tokens": 16}}'
+
+
+BODY = body("The quick brown fox")
 
 
 def probe(port: int, n: int, gap_s: float, body: str = BODY) -> list[float]:

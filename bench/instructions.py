@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hop_latency import BODY, MODEL, probe  # noqa: E402
+from hop_latency import BODY, body, probe  # noqa: E402
 from proxy import (  # noqa: E402
     PY,
     ROOT,
@@ -47,13 +47,6 @@ from proxy import (  # noqa: E402
     started,
     tree,
 )
-
-
-def body(prompt_chars: int) -> str:
-    if prompt_chars <= 0:
-        return BODY
-    prompt = long_prompt(prompt_chars)
-    return f'{{"model": "{MODEL}", "prompt": "{prompt}", "max_tokens": 16}}'
 
 
 def count(cmd: list[str], port: int, n: int, out: Path, payload: str = BODY) -> int:
@@ -102,9 +95,9 @@ def main() -> int:
                                "--upstream", f"http://127.0.0.1:{bport}",
                                "--processes", str(args.workers)], fport),
         ]  # fmt: skip
+        payload = body(long_prompt(args.prompt_chars)) if args.prompt_chars > 0 else BODY
         print("| target | instructions per request |\n|---|---:|")
         for name, cmd, port in targets:
-            payload = body(args.prompt_chars)
             print(f"| {name} | {count(cmd, port, n, tmp, payload):,} |", flush=True)
     return 0
 

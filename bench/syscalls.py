@@ -30,7 +30,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy import LUA, PY, ROOT, free_port, gateway_config, started, tree, wrk  # noqa: E402
+from proxy import (  # noqa: E402
+    LUA,
+    PY,
+    ROOT,
+    free_port,
+    gateway_command,
+    gateway_config,
+    started,
+    tree,
+    wrk,
+)
 
 
 def count(
@@ -80,13 +90,12 @@ def main() -> int:
         gateway_config(cfg, gport, bport, args.workers)
         backend = [PY, str(ROOT / "bench" / "fixed_backend.py"), "--port", str(bport)]
         backend += ["--delay-ms", str(args.backend_delay_ms)]
-        gateway = [PY, "-m", "kvpilot.cli", "gateway", "--config", str(cfg)]
         floor = [PY, str(ROOT / "bench" / "aiohttp_floor.py"), "--port", str(fport)]
         floor += ["--upstream", f"http://127.0.0.1:{bport}", "--processes", str(args.workers)]
         rows: dict[str, tuple[int, dict[str, int]]] = {}
         targets = [
             ("aiohttp floor", floor, fport, ROOT),
-            ("kvpilot gateway", [*gateway, "--log-level", "WARNING"], gport, ROOT),
+            ("kvpilot gateway", gateway_command(cfg), gport, ROOT),
         ]
         if args.compare:  # the same config (and port: one at a time), the other tree's code
             other = Path(args.compare).resolve()

@@ -36,8 +36,11 @@ _DROP_DOWN = HOP_BY_HOP | {"x-request-id", "date", "server"}  # aiohttp sets dat
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 
 
-def _dropped(connection: str, drop: frozenset[str]) -> frozenset[str]:
-    """`drop` plus the headers a Connection header names: hop-by-hop too (RFC 9110 7.6.1)."""
+def _dropped(h: MultiMapping[str], drop: frozenset[str]) -> frozenset[str]:
+    """`drop` plus the headers `h`'s Connection headers name: hop-by-hop too (RFC 9110 7.6.1)."""
+    connection = ",".join(h.getall("Connection", ()))  # every Connection header names some
+    if not connection or connection.lower() in _PLAIN_CONNECTION:
+        return drop
     named = {t.strip().lower() for t in connection.split(",")}
     return drop if named <= drop else drop | named
 
@@ -45,20 +48,14 @@ def _dropped(connection: str, drop: frozenset[str]) -> frozenset[str]:
 def upstream_headers(h: MultiMapping[str], rid: str, *, strip_auth: bool) -> list[tuple[str, str]]:
     """The client's headers for the replica: hop-by-hop ones, the gateway's key and its
     x-request-id left out, ours added."""
-    drop = _DROP_UP_AUTH if strip_auth else _DROP_UP
-    connection = ",".join(h.getall("Connection", ()))  # every Connection header names some
-    if connection and connection.lower() not in _PLAIN_CONNECTION:
-        drop = _dropped(connection, drop)
+    drop = _dropped(h, _DROP_UP_AUTH if strip_auth else _DROP_UP)
     out = [(k, v) for k, v in h.items() if k.lower() not in drop]
     out.append(("x-request-id", rid))
     return out
 
 
 def downstream_headers(resp: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
-    drop = _DROP_DOWN
-    connection = ",".join(resp.headers.getall("Connection", ()))
-    if connection and connection.lower() not in _PLAIN_CONNECTION:
-        drop = _dropped(connection, drop)
+    drop = _dropped(resp.headers, _DROP_DOWN)
     out = {k: v for k, v in resp.headers.items() if k.lower() not in drop}
     out["x-request-id"] = rid
     return out

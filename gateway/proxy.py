@@ -629,8 +629,7 @@ class Gateway:
 
     def _body(self, raw: bytes) -> _SentBody:
         body = _SentBody(raw)
-        if self.fleet.peers is not None:
-            body.then = self.fleet.peers.settle
+        body.then = self._settle  # the request has left: a settle point
         return body
 
     async def _forward(

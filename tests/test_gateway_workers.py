@@ -8,9 +8,11 @@ worker counts the requests of all of them, and SIGTERM to the supervisor stops e
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry, multiprocess
 
 from kvpilot.config import ConfigError, parse_config
 
@@ -248,16 +251,29 @@ async def test_a_second_worker_avoids_the_replica_the_first_keeps_busy(tmp_path:
             await s.close()
 
 
+def run_worker(
+    code: str, directory: Path, *, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`code` in a fresh Python process as a gateway worker would run (prometheus-client's
+    multiprocess mode, its files in `directory`)."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory), "PYTHONPATH": "."}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, check=check, capture_output=True, text=True
+    )
+
+
+def workers_registry(directory: Path) -> CollectorRegistry:
+    """What /metrics reports across the workers whose files are in `directory`."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))
+    return registry
+
+
 def test_a_worker_tells_prometheus_its_pid_once_and_its_samples_still_add_up(
     tmp_path: Path,
 ) -> None:
     """gateway.metrics.pin_worker_pid: the worker's samples land in its own files (named by its
     pid, as prometheus-client's multiprocess collector expects) and add up across workers."""
-    import os
-    import subprocess
-
-    from prometheus_client import CollectorRegistry, multiprocess
-
     # os.getpid counted from before prometheus-client binds it (its default process id)
     code = (
         "import os\n"
@@ -271,19 +287,15 @@ def test_a_worker_tells_prometheus_its_pid_once_and_its_samples_still_add_up(
         "metrics.child(metrics.E2E, 'p', 'm').observe(0.02)\n"
         "print(real(), len(asked))\n"
     )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": "."}
     pids = []
     for _ in range(2):
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
-        ).stdout.split()
+        out = run_worker(code, tmp_path).stdout.split()
         assert out[1] == "0"  # no os.getpid() per sample
         pids.append(out[0])
     assert {f.name for f in tmp_path.iterdir()} == {
         f"{kind}_{pid}.db" for kind in ("counter", "histogram") for pid in pids
     }
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    registry = workers_registry(tmp_path)
     labels = {"pool": "p", "reason": "queue_full"}
     assert registry.get_sample_value("kvpilot_gateway_shed_total", labels) == 4
     e2e = {"pool": "p", "model": "m", "le": "0.025"}
@@ -292,27 +304,18 @@ def test_a_worker_tells_prometheus_its_pid_once_and_its_samples_still_add_up(
 
 def test_pinning_the_pid_after_a_sample_is_refused(tmp_path: Path) -> None:
     """A sample made before the pin has its file: a second writer on it would corrupt it."""
-    import os
-    import subprocess
-
     code = (
         "from gateway import metrics\n"
         "metrics.child(metrics.SHED, 'p', 'queue_full').inc()\n"
         "metrics.pin_worker_pid()\n"
     )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": "."}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = run_worker(code, tmp_path, check=False)
     assert run.returncode != 0 and "before the worker's first metric sample" in run.stderr
 
 
 def test_a_replica_that_leaves_keeps_its_last_tallied_counts_with_workers(tmp_path: Path) -> None:
     """With workers a left replica's series stay in the files (they cannot be dropped there):
     the counts tallied since the last flush must reach them, not vanish with the tally."""
-    import os
-    import subprocess
-
-    from prometheus_client import CollectorRegistry, multiprocess
-
     code = (
         "from gateway import metrics\n"
         "metrics.pin_worker_pid()\n"
@@ -321,10 +324,8 @@ def test_a_replica_that_leaves_keeps_its_last_tallied_counts_with_workers(tmp_pa
         "metrics.child(metrics.INFLIGHT, 'p', 'r1').inc()\n"
         "metrics.forget_replicas('p', ['r1'])\n"
     )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": "."}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    run_worker(code, tmp_path)
+    registry = workers_registry(tmp_path)
     labels = {"pool": "p", "model": "m", "replica": "r1", "code": "200"}
     assert registry.get_sample_value("kvpilot_gateway_requests_total", labels) == 3
     inflight = [
